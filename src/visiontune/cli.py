@@ -1,0 +1,109 @@
+"""The ``visiontune`` command. Subcommands mirror the Azure ML components.
+
+Options come from the input tables in ``inputs.py``; each handler receives the resolved,
+checked values. Errors a user can fix print as one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Callable, Iterable
+
+from visiontune import __version__
+from visiontune import inputs as I
+from visiontune.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and still exit code 2)."""
+
+    def error(self, message: str) -> None:  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _import_model(values: dict[str, Any]) -> int:
+    from visiontune.models.importer import import_model
+
+    out = import_model(
+        model_name=values["model_name"], pytorch_model=values["pytorch_model"],
+        mlflow_model=values["mlflow_model"], output_dir=values["output_dir"],
+    )
+    print(f"imported model written to {out}")
+    return 0
+
+
+def _data_check(values: dict[str, Any]) -> int:
+    from visiontune.data.check import check_data
+
+    report, ok = check_data(
+        values["data"], values["task_name"], image_column=values["image_column"],
+        label_column=values["label_column"], skip_bad_rows=values["skip_bad_rows"],
+    )
+    print(report)
+    return 0 if ok else 1
+
+
+def _demo_data(values: dict[str, Any]) -> int:
+    from visiontune.demo import write_demo_data
+
+    paths = write_demo_data(values["output_dir"])
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+# name -> (help, inputs, handler, accepts --config)
+COMMANDS: dict[str, tuple[str, Iterable[I.Input], Callable[[dict[str, Any]], int], bool]] = {
+    "import-model": ("Import a model (hub id, local folder, built-in, PyTorch or MLflow folder).",
+                     I.IMPORT_INPUTS, _import_model, True),
+    "data check": ("Read a dataset and report rows, classes, bad rows and image sizes.",
+                   I.DATA_CHECK_INPUTS, _data_check, False),
+    "demo-data": ("Write the demo datasets (handwritten digits; multi-label digit mosaics).",
+                  I.DEMO_INPUTS, _demo_data, False),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="visiontune", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"visiontune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, (help_text, specs, handler, has_config) in COMMANDS.items():
+        group, _, leaf = name.rpartition(" ")  # "data check" -> group "data", command "check"
+        if group and group not in groups:
+            gp = sub.add_parser(group, help=f"{group} commands")
+            groups[group] = gp.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
+        p = (groups[group] if group else sub).add_parser(leaf, help=help_text, description=help_text)
+        if has_config:
+            p.add_argument("--config", default=None, metavar="FILE",
+                           help="YAML or JSON file of inputs; the command line wins over it.")
+        I.add_to_parser(p, specs)
+        p.set_defaults(_handler=handler, _specs=tuple(specs), _name=name)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=os.environ.get("VISIONTUNE_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("command", "subcommand", "config")}
+    try:
+        config = I.read_config_file(getattr(args, "config", None))
+        values = I.resolve(args._specs, given, config)
+        return int(args._handler(values) or 0)
+    except UserError as exc:
+        print(f"visiontune {args._name}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("visiontune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""The one list of the components' inputs: names, types, defaults, allowed values.
+
+The CLI (``cli.py``), the ``--config`` YAML/JSON file and the Azure ML component specs are
+built from or checked against these tables, so an input is described exactly once.
+
+``default=None`` on an optional input means "not given": for the training inputs marked
+``auto`` the value is then chosen by the defaults chain (model folder > model > task > base).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from visiontune.errors import UserError
+
+TASKS = ("image-classification", "image-classification-multilabel")
+MULTICLASS, MULTILABEL = TASKS
+METRICS = (
+    "loss", "f1_score_macro", "accuracy", "precision_score_macro", "recall_score_macro",
+    "iou", "iou_macro", "iou_micro", "iou_weighted",
+)
+SCHEDULERS = (
+    "warmup_linear", "warmup_cosine", "warmup_cosine_with_restarts", "warmup_polynomial",
+    "constant", "warmup_constant",
+)
+OPTIMIZERS = ("adamw_hf", "adamw", "sgd", "adafactor", "adagrad", "adamw_ort_fused")
+STRATEGIES = ("epoch", "steps")
+
+# Azure ML component input types, by our kind of input.
+AZURE_TYPES = {
+    "int": "integer", "float": "number", "bool": "boolean", "str": "string",
+    "folder": "uri_folder", "mltable": "mltable", "file": "uri_file",
+}
+
+
+@dataclass(frozen=True)
+class Input:
+    name: str
+    kind: str  # int | float | bool | str | folder | mltable | file
+    help: str
+    default: Any = None
+    required: bool = False
+    choices: tuple = ()
+    minimum: float | None = None  # inclusive
+    below: float | None = None  # exclusive upper bound
+    auto: bool = False  # None means "chosen by the defaults chain"
+    azure: bool = True  # part of the Azure component's interface
+    also: tuple = ()  # other allowed values outside [minimum, below), e.g. -1
+
+    def describe_allowed(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(str(c) for c in self.choices)
+        if self.kind == "bool":
+            return "true or false"
+        parts = []
+        if self.minimum is not None:
+            parts.append(f">= {self.minimum:g}")
+        if self.below is not None:
+            parts.append(f"< {self.below:g}")
+        text = f"{'an integer' if self.kind == 'int' else 'a number'} " + " and ".join(parts)
+        if self.also:
+            text += " (or " + ", ".join(str(a) for a in self.also) + ")"
+        return text.strip()
+
+    def convert(self, raw: Any) -> Any:
+        """Parse and check one value; raise UserError naming the input otherwise."""
+        if raw is None:
+            return None
+        try:
+            value = _CONVERTERS[self.kind](raw)
+        except (TypeError, ValueError):
+            raise UserError(
+                f"--{self.name}: {raw!r} is not valid; expected {self.describe_allowed()}"
+            ) from None
+        if self.choices and value not in self.choices:
+            raise UserError(
+                f"--{self.name}: {raw!r} is not allowed; expected {self.describe_allowed()}"
+            )
+        if self.kind in ("int", "float") and value not in self.also:
+            if (self.minimum is not None and value < self.minimum) or (
+                self.below is not None and value >= self.below
+            ):
+                raise UserError(
+                    f"--{self.name}: {raw!r} is out of range; expected {self.describe_allowed()}"
+                )
+        return value
+
+
+def parse_bool(raw: Any) -> bool:
+    """Booleans as Azure passes them (True/False) and as people type them."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in ("true", "1", "yes", "y", "on"):
+        return True
+    if text in ("false", "0", "no", "n", "off"):
+        return False
+    raise ValueError(raw)
+
+
+def _parse_int(raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise ValueError(raw)
+    if isinstance(raw, float):
+        if not raw.is_integer():
+            raise ValueError(raw)
+        return int(raw)
+    return int(str(raw).strip())
+
+
+def _parse_float(raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise ValueError(raw)
+    value = float(str(raw).strip())
+    if not math.isfinite(value):
+        raise ValueError(raw)
+    return value
+
+
+def _parse_str(raw: Any) -> str:
+    if isinstance(raw, (dict, list)):
+        raise ValueError(raw)
+    return str(raw).strip()
+
+
+_CONVERTERS = {
+    "int": _parse_int, "float": _parse_float, "bool": parse_bool, "str": _parse_str,
+    "folder": _parse_str, "mltable": _parse_str, "file": _parse_str,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Model import component
+# ---------------------------------------------------------------------------------------------
+IMPORT_INPUTS: tuple[Input, ...] = (
+    Input("model_name", "str",
+          "A Hugging Face hub id (downloaded when online), a local Hugging Face model folder, "
+          "or the built-in 'efficientnet-lite0' (offline)."),
+    Input("pytorch_model", "folder",
+          "A model folder written by a previous visiontune or Hugging Face fine-tune "
+          "(continual fine-tuning). Wins over model_name."),
+    Input("mlflow_model", "folder",
+          "An MLflow model folder (holds an MLmodel file). Wins over model_name."),
+    Input("output_dir", "folder", "Where to write the imported model (read by finetune --model_path).",
+          required=True),
+)
+
+# ---------------------------------------------------------------------------------------------
+# Data inputs shared by finetune, pipeline, data check, evaluate and predict
+# ---------------------------------------------------------------------------------------------
+DATA_INPUTS: tuple[Input, ...] = (
+    Input("image_column", "str", "Column of the annotation data that holds the image path or URL.",
+          default="image_url", azure=False),
+    Input("label_column", "str", "Column of the annotation data that holds the label(s).",
+          default="label", azure=False),
+    Input("skip_bad_rows", "bool",
+          "Skip rows whose image or label cannot be used (and report how many) instead of "
+          "stopping before training.", default=False, azure=False),
+)
+
+# ---------------------------------------------------------------------------------------------
+# Finetune component (spec order), then visiontune's own additions
+# ---------------------------------------------------------------------------------------------
+FINETUNE_INPUTS: tuple[Input, ...] = (
+    Input("model_path", "folder", "Output folder of import-model (or any Hugging Face model folder).",
+          required=True),
+    Input("training_data", "mltable",
+          "Training data: an MLTable folder, a JSON Lines or CSV file, or an image folder tree.",
+          required=True),
+    Input("validation_data", "mltable",
+          "Validation data, same forms. Without it a seeded, stratified part of the training data "
+          "is held out (validation_fraction)."),
+    Input("image_height", "int", "Image height fed to the network; -1 uses the image processor's size.",
+          default=-1, minimum=1, also=(-1,)),
+    Input("image_width", "int", "Image width fed to the network; -1 uses the image processor's size.",
+          default=-1, minimum=1, also=(-1,)),
+    Input("task_name", "str", "The task.", required=True, choices=TASKS),
+    Input("metric_for_best_model", "str",
+          "Metric used to keep the best model; empty chooses accuracy (multi-class) or iou "
+          "(multi-label).", choices=METRICS, auto=True),
+    Input("apply_augmentations", "bool", "Augment the training images.", default=True),
+    Input("number_of_workers", "int", "Data loading processes; 0 loads in the main process.",
+          default=8, minimum=0),
+    Input("apply_deepspeed", "bool", "Train with DeepSpeed.", default=False),
+    Input("deepspeed_config", "file", "DeepSpeed JSON config; the built-in one when empty."),
+    Input("apply_ort", "bool", "Use ONNX Runtime (see README: what it does in visiontune).",
+          default=False),
+    Input("number_of_epochs", "int", "Training epochs.", minimum=1, auto=True),
+    Input("max_steps", "int", "Total optimizer steps; overrides number_of_epochs when positive.",
+          minimum=1, also=(-1,), auto=True),
+    Input("training_batch_size", "int", "Training batch size per device.", minimum=1, auto=True),
+    Input("validation_batch_size", "int", "Validation batch size per device.", minimum=1, auto=True),
+    Input("auto_find_batch_size", "bool",
+          "Halve the training batch size on out-of-memory errors until it fits.", default=False),
+    Input("learning_rate", "float", "Initial learning rate.", minimum=0, auto=True),
+    Input("learning_rate_scheduler", "str", "Learning-rate schedule.", choices=SCHEDULERS, auto=True),
+    Input("warmup_steps", "int", "Warm-up steps of the schedule.", minimum=0, auto=True),
+    Input("optimizer", "str", "Optimizer.", choices=OPTIMIZERS, auto=True),
+    Input("weight_decay", "float", "Weight decay (not on biases and norm weights).", minimum=0,
+          auto=True),
+    Input("extra_optim_args", "str",
+          "Extra optimizer arguments, e.g. \"momentum=0.5; nesterov=True\" for sgd; they win over "
+          "the other inputs."),
+    Input("gradient_accumulation_step", "int", "Batches accumulated per optimizer step.", minimum=1,
+          auto=True),
+    Input("precision", "int", "16: mixed precision (fp16/bf16 on GPU, bf16 on CPU); 32: full.",
+          default=32, choices=(16, 32)),
+    Input("label_smoothing_factor", "float", "Label smoothing in [0, 1); multi-class only.",
+          minimum=0, below=1, auto=True),
+    Input("random_seed", "int", "Random seed.", default=42, minimum=0),
+    Input("evaluation_strategy", "str", "When to evaluate.", default="epoch", choices=STRATEGIES),
+    Input("evaluation_steps", "int", "Steps between evaluations (evaluation_strategy steps).",
+          default=500, minimum=1),
+    Input("logging_strategy", "str", "When to log.", default="epoch", choices=STRATEGIES),
+    Input("logging_steps", "int", "Steps between logs (logging_strategy steps).", default=500,
+          minimum=1),
+    Input("save_strategy", "str", "When to save checkpoints.", default="epoch", choices=STRATEGIES),
+    Input("save_steps", "int", "Steps between checkpoints (save_strategy steps).", default=500,
+          minimum=1),
+    Input("save_total_limit", "int", "Checkpoints kept; -1 keeps all.", default=-1, minimum=1,
+          also=(-1,)),
+    Input("early_stopping", "bool", "Stop when the metric stops improving.", default=False),
+    Input("early_stopping_patience", "int", "Evaluations without improvement before stopping.",
+          default=1, minimum=1),
+    Input("max_grad_norm", "float", "Gradient clipping norm; 0 disables clipping.", minimum=0,
+          auto=True),
+    Input("resume_from_checkpoint", "bool",
+          "Continue from the newest complete checkpoint in output_dir_pytorch.", default=False),
+    Input("save_as_mlflow_model", "bool", "Also write an MLflow model.", default=True),
+    # Outputs.
+    Input("output_dir_pytorch", "folder", "Output: the fine-tuned model and its checkpoints.",
+          required=True),
+    Input("output_dir_mlflow", "folder", "Output: the MLflow model (when save_as_mlflow_model)."),
+    # visiontune additions.
+    *DATA_INPUTS,
+    Input("validation_fraction", "float",
+          "Share of the training data held out for validation when validation_data is empty.",
+          default=0.2, minimum=0.01, below=1, azure=False),
+    Input("multilabel_threshold", "float",
+          "Probability above which a label is predicted (multi-label).", default=0.5, minimum=0,
+          below=1, azure=False),
+)
+
+DATA_CHECK_INPUTS: tuple[Input, ...] = (
+    Input("data", "mltable", "An MLTable folder, a JSON Lines or CSV file, or an image folder tree.",
+          required=True, azure=False),
+    Input("task_name", "str", "The task.", required=True, choices=TASKS),
+    *DATA_INPUTS,
+)
+
+DEMO_INPUTS: tuple[Input, ...] = (
+    Input("output_dir", "folder", "Where to write the demo datasets.", required=True, azure=False),
+)
+
+OUTPUT_NAMES = frozenset({"output_dir", "output_dir_pytorch", "output_dir_mlflow"})
+
+
+def by_name(inputs: Iterable[Input]) -> dict[str, Input]:
+    return {i.name: i for i in inputs}
+
+
+# ---------------------------------------------------------------------------------------------
+# argparse and config files
+# ---------------------------------------------------------------------------------------------
+def add_to_parser(parser: argparse.ArgumentParser, inputs: Iterable[Input]) -> None:
+    """One ``--name`` option per input. Defaults are applied later, so that a ``--config``
+    file can sit between the command line and the defaults."""
+    for spec in inputs:
+        default = "auto" if spec.auto else spec.default
+        suffix = "" if default is None else f" (default: {str(default).lower() if spec.kind == 'bool' else default})"
+        if spec.required:
+            suffix = " (required)"
+        metavar = {"bool": "true|false", "folder": "DIR", "mltable": "DATA", "file": "FILE"}.get(
+            spec.kind, spec.kind.upper()
+        )
+        parser.add_argument(
+            f"--{spec.name}", dest=spec.name, default=argparse.SUPPRESS, metavar=metavar,
+            help=spec.help + suffix,
+        )
+
+
+def read_config_file(path: str | None) -> dict[str, Any]:
+    """A YAML or JSON mapping of input names to values (JSON is YAML)."""
+    if not path:
+        return {}
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--config: file not found: {path}")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise UserError(f"--config: {path} is not valid YAML or JSON{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"--config: {path} must hold a mapping of input names to values")
+    return data
+
+
+def resolve(
+    inputs: Iterable[Input], given: dict[str, Any], config: dict[str, Any] | None = None,
+    config_name: str = "--config",
+) -> dict[str, Any]:
+    """Merge command line > config file > declared defaults, convert and check every value.
+
+    Values left ``None`` are "not given"; ``auto`` inputs are filled in later by the defaults
+    chain. Empty strings count as not given (Azure passes optional inputs that way)."""
+    specs = by_name(inputs)
+    config = dict(config or {})
+    unknown = sorted(set(config) - set(specs))
+    if unknown:
+        raise UserError(
+            f"{config_name}: unknown input(s) {', '.join(unknown)}; known inputs: "
+            + ", ".join(specs)
+        )
+    values: dict[str, Any] = {}
+    for name, spec in specs.items():
+        raw = given.get(name, config.get(name))
+        if isinstance(raw, str) and raw.strip() == "":
+            raw = None
+        value = spec.convert(raw) if raw is not None else spec.default
+        if spec.required and value is None:
+            raise UserError(f"--{name} is required: {spec.help}")
+        values[name] = value
+    return values
+
+
+def as_json(values: dict[str, Any]) -> str:
+    return json.dumps(values, indent=2, sort_keys=True, default=str)
