@@ -55,10 +55,19 @@ def _demo_data(values: dict[str, Any]) -> int:
     return 0
 
 
+def _finetune(values: dict[str, Any]) -> int:
+    from visiontune.training.finetune import finetune
+
+    finetune(values)
+    return 0
+
+
 # name -> (help, inputs, handler, accepts --config)
 COMMANDS: dict[str, tuple[str, Iterable[I.Input], Callable[[dict[str, Any]], int], bool]] = {
     "import-model": ("Import a model (hub id, local folder, built-in, PyTorch or MLflow folder).",
                      I.IMPORT_INPUTS, _import_model, True),
+    "finetune": ("Fine-tune an imported model on image data (every input of Azure's finetune component).",
+                 I.FINETUNE_INPUTS, _finetune, True),
     "data check": ("Read a dataset and report rows, classes, bad rows and image sizes.",
                    I.DATA_CHECK_INPUTS, _data_check, False),
     "demo-data": ("Write the demo datasets (handwritten digits; multi-label digit mosaics).",

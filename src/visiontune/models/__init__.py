@@ -1,0 +1,17 @@
+"""Model import (``import-model``) and loading models for fine-tuning.
+
+- ``importer``: turns a built-in name, hub id, local, PyTorch or MLflow folder into one
+  Hugging Face model folder with ``model_selector_args.json``.
+- ``builtin``: models available offline (``efficientnet-lite0``).
+- ``loading``: the image processor and the model with a head for the training classes.
+"""
+
+from visiontune.models.importer import (
+    METADATA_FILE, import_model, read_model_metadata, write_model_metadata,
+)
+from visiontune.models.loading import load_for_finetune, load_image_processor
+
+__all__ = [
+    "METADATA_FILE", "import_model", "read_model_metadata", "write_model_metadata",
+    "load_for_finetune", "load_image_processor",
+]

@@ -1,0 +1,186 @@
+"""Load an imported model folder (or any Hugging Face image-classification folder) for training."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from visiontune.errors import UserError
+from visiontune.inputs import MULTICLASS, MULTILABEL
+
+log = logging.getLogger(__name__)
+
+PROBLEM_TYPES = {
+    MULTICLASS: "single_label_classification",
+    MULTILABEL: "multi_label_classification",
+}
+
+
+def _model_dir(model_dir: str | Path) -> Path:
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise UserError(f"model folder not found: {path}")
+    if not (path / "config.json").is_file():
+        raise UserError(
+            f"{path} holds no Hugging Face model (no config.json); pass the output folder of "
+            "`visiontune import-model` or a folder written by save_pretrained"
+        )
+    return path
+
+
+def load_config(model_dir: str | Path, **kwargs):
+    """The model's ``PretrainedConfig``; a UserError when it is missing or not a model config."""
+    from transformers import AutoConfig
+
+    path = _model_dir(model_dir)
+    try:
+        return AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"cannot read the model config in {path}: {_first_line(exc)}") from None
+
+
+def checkpoint_labels(config) -> list[str]:
+    """The checkpoint's class names in index order (timm folders store them as label_names)."""
+    id2label = getattr(config, "id2label", None) or {}
+    return [str(id2label[i]) for i in sorted(id2label, key=int)]
+
+
+def load_image_processor(model_dir: str | Path):
+    """``AutoImageProcessor.from_pretrained(model_dir)`` with a one-line error when there is none.
+
+    For timm-wrapper folders transformers reads the preprocessing from ``pretrained_cfg`` in
+    config.json, not from preprocessor_config.json."""
+    from transformers import AutoImageProcessor
+
+    path = _model_dir(model_dir)
+    try:
+        return AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(
+            f"no usable image processor in {path} (preprocessor_config.json): {_first_line(exc)}"
+        ) from None
+
+
+def _heads(model, num_labels: int) -> list:
+    """The classification head(s): the last Linear layers that produce the logits.
+
+    Native models name them ``classifier`` (a few add a distillation head); timm models say
+    which module is theirs through ``get_classifier()``."""
+    import torch.nn as nn
+
+    timm_model = getattr(model, "timm_model", None)
+    if timm_model is not None and hasattr(timm_model, "get_classifier"):
+        head = timm_model.get_classifier()
+        layers = [m for m in head.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        return layers[-1:]
+    found = []
+    for name, module in model.named_modules():
+        parts = name.split(".")
+        if not any(p.startswith("classifier") or p in ("head", "fc") for p in parts):
+            continue
+        if isinstance(module, nn.Linear) and module.out_features == num_labels:
+            found.append(module)
+        elif isinstance(module, nn.Conv2d) and module.out_channels == num_labels and module.kernel_size == (1, 1):
+            found.append(module)
+    return found
+
+
+def _reinit_heads(model, num_labels: int) -> None:
+    """Fresh head weights, drawn by the model's own initialiser as for a resized head."""
+    import torch
+
+    heads = _heads(model, num_labels)
+    if not heads:
+        log.warning(
+            "could not find the classification head of %s to re-initialise it; the checkpoint's "
+            "head (trained on other classes) is kept as a starting point", type(model).__name__,
+        )
+        return
+    with torch.no_grad():
+        for head in heads:
+            before = head.weight.detach().clone()
+            # from_pretrained marks loaded tensors as initialised; the init helpers skip those.
+            for tensor in head.parameters(recurse=False):
+                tensor._is_hf_initialized = False
+            head._is_hf_initialized = False
+            model._init_weights(head)
+            if torch.equal(before, head.weight):  # an initialiser that ignores this layer
+                head.weight.normal_(mean=0.0, std=float(getattr(model.config, "initializer_range", 0.02) or 0.02))
+                if head.bias is not None:
+                    head.bias.zero_()
+
+
+def _reorder_heads(model, order: list[int]) -> bool:
+    """Put the trained head's rows in the new class order; False when the head is not found."""
+    import torch
+
+    heads = _heads(model, len(order))
+    if not heads:
+        return False
+    index = torch.tensor(order)
+    with torch.no_grad():
+        for head in heads:
+            head.weight.copy_(head.weight[index])
+            if head.bias is not None:
+                head.bias.copy_(head.bias[index])
+    return True
+
+
+def load_for_finetune(model_dir: str | Path, classes: list[str], task: str):
+    """The model with a head for ``classes`` and the loss of ``task``.
+
+    - Same classes as the checkpoint (continual fine-tuning): the trained head is kept, its
+      rows reordered if the classes come in another order.
+    - Otherwise the head is new: resized by transformers when the class count differs, and
+      re-initialised here when only the names differ (transformers would otherwise keep
+      rows that belong to other classes).
+    The problem type chooses the loss, for native and timm-wrapper models alike
+    (cross-entropy for single-label, BCE-with-logits for multi-label)."""
+    from transformers import AutoModelForImageClassification
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
+
+    if task not in PROBLEM_TYPES:
+        raise UserError(f"unknown task {task!r}; expected one of {', '.join(PROBLEM_TYPES)}")
+    classes = [str(c) for c in classes]
+    if not classes:
+        raise UserError("no classes to train on")
+    if len(set(classes)) != len(classes):
+        raise UserError("class names must be unique")
+    path = _model_dir(model_dir)
+    config = load_config(path)
+    if type(config) not in MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING:
+        raise UserError(
+            f"{path}: model type {config.model_type!r} has no image-classification model in transformers"
+        )
+    old_labels = checkpoint_labels(config)
+    try:
+        model = AutoModelForImageClassification.from_pretrained(
+            path,
+            num_labels=len(classes),
+            id2label=dict(enumerate(classes)),
+            label2id={name: i for i, name in enumerate(classes)},
+            ignore_mismatched_sizes=True,
+            problem_type=PROBLEM_TYPES[task],
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load the model in {path}: {_first_line(exc)}") from None
+    if old_labels == classes:
+        log.info("classes match the checkpoint's: keeping its trained head (%d classes)", len(classes))
+    elif sorted(old_labels) == sorted(classes) and _reorder_heads(model, [old_labels.index(c) for c in classes]):
+        log.info("classes match the checkpoint's in another order: its head rows were reordered")
+    else:
+        if len(old_labels) == len(classes):
+            _reinit_heads(model, len(classes))
+        log.info("new classification head: %d classes (checkpoint had %d)", len(classes), len(old_labels))
+    model.config.label2id = {name: i for i, name in enumerate(classes)}
+    if getattr(model.config, "model_type", None) == "timm_wrapper":
+        # TimmWrapperConfig saves labels as ``label_names`` but keeps the checkpoint's stale
+        # list when loaded with new labels; saved as is, the fine-tuned model would reload with
+        # LABEL_0.. names (or the old classes). Make it follow id2label.
+        model.config.label_names = list(classes)
+    return model
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,50 @@
+"""Shared test setup: everything offline, nothing downloaded at run time."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_TRACKING_URI", "")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """The demo datasets (real digit images), written once per test session."""
+    from visiontune.demo import write_demo_data
+
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_data(root)
+    return root
+
+
+def subset(split_dir: Path, out: Path, n: int, per_class: bool = False) -> Path:
+    """The first ``n`` rows of a demo split as a JSON Lines file with absolute image paths
+    (``per_class``: ``n`` rows of each class, for balanced tiny datasets)."""
+    rows = [json.loads(l) for l in (split_dir / "images.jsonl").read_text().splitlines() if l.strip()]
+    chosen, counts = [], {}
+    for row in rows:
+        key = json.dumps(row["label"])
+        if per_class:
+            if counts.get(key, 0) >= n:
+                continue
+            counts[key] = counts.get(key, 0) + 1
+        elif len(chosen) >= n:
+            break
+        chosen.append({**row, "image_url": str((split_dir / row["image_url"]).resolve())})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(r) + "\n" for r in chosen))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> Path:
+    from tiny_models import save_tiny_model
+
+    return save_tiny_model("vit", tmp_path_factory.mktemp("tiny_vit"), num_labels=3, image_size=32)
