@@ -62,12 +62,35 @@ def _finetune(values: dict[str, Any]) -> int:
     return 0
 
 
+def _evaluate(values: dict[str, Any]) -> int:
+    from visiontune.evaluation import run_evaluate
+
+    return run_evaluate(values)
+
+
+def _predict(values: dict[str, Any]) -> int:
+    from visiontune.prediction import run_predict
+
+    return run_predict(values)
+
+
+def _export_onnx(values: dict[str, Any]) -> int:
+    from visiontune.onnx_export import run_export
+
+    return run_export(values)
+
+
 # name -> (help, inputs, handler, accepts --config)
 COMMANDS: dict[str, tuple[str, Iterable[I.Input], Callable[[dict[str, Any]], int], bool]] = {
     "import-model": ("Import a model (hub id, local folder, built-in, PyTorch or MLflow folder).",
                      I.IMPORT_INPUTS, _import_model, True),
     "finetune": ("Fine-tune an imported model on image data (every input of Azure's finetune component).",
                  I.FINETUNE_INPUTS, _finetune, True),
+    "evaluate": ("Evaluate a fine-tuned model on labelled data: metrics, per-class table, plots.",
+                 I.EVALUATE_INPUTS, _evaluate, True),
+    "predict": ("Predict labels for images with a fine-tuned model.", I.PREDICT_INPUTS, _predict, True),
+    "export-onnx": ("Export a fine-tuned model to ONNX with its labels and preprocessing.",
+                    I.EXPORT_ONNX_INPUTS, _export_onnx, True),
     "data check": ("Read a dataset and report rows, classes, bad rows and image sizes.",
                    I.DATA_CHECK_INPUTS, _data_check, False),
     "demo-data": ("Write the demo datasets (handwritten digits; multi-label digit mosaics).",

@@ -257,7 +257,64 @@ DEMO_INPUTS: tuple[Input, ...] = (
     Input("output_dir", "folder", "Where to write the demo datasets.", required=True, azure=False),
 )
 
-OUTPUT_NAMES = frozenset({"output_dir", "output_dir_pytorch", "output_dir_mlflow"})
+# ---------------------------------------------------------------------------------------------
+# Pipeline: model import -> data validation -> finetune -> evaluation
+# ---------------------------------------------------------------------------------------------
+_IMPORT_SOURCES = tuple(i for i in IMPORT_INPUTS if i.name != "output_dir")
+PIPELINE_INPUTS: tuple[Input, ...] = (
+    *_IMPORT_SOURCES,
+    *(i for i in FINETUNE_INPUTS if i.name != "model_path"),
+    Input("test_data", "mltable",
+          "Data for the final evaluation report; the validation data when empty."),
+    Input("output_dir_evaluation", "folder",
+          "Output: the evaluation report (metrics, per-class table, plots); "
+          "<output_dir_pytorch>/evaluation when empty."),
+)
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation, prediction, ONNX export
+# ---------------------------------------------------------------------------------------------
+MODEL_INPUT = Input("model", "folder", "A fine-tuned model: the PyTorch output folder or the MLflow "
+                    "model folder.", required=True, azure=False)
+BATCH_INPUT = Input("batch_size", "int", "Images per forward pass.", default=32, minimum=1, azure=False)
+
+EVALUATE_INPUTS: tuple[Input, ...] = (
+    MODEL_INPUT,
+    Input("test_data", "mltable", "Labelled data to evaluate on (MLTable, JSON Lines, CSV or folder "
+          "tree).", required=True, azure=False),
+    Input("output_dir", "folder", "Where to write metrics.json, per_class.csv and the plots.",
+          required=True, azure=False),
+    Input("tune_thresholds", "str",
+          "Multi-label: choose the decision threshold(s) on --tuning_data (default: the test data) "
+          "and store them with the model.", default="none", choices=("none", "global", "per_class"),
+          azure=False),
+    Input("tuning_data", "mltable", "Labelled data for threshold tuning (use validation data, not "
+          "the test data, for an honest report).", azure=False),
+    Input("threshold_metric", "str", "The metric the tuned threshold(s) maximise.", default="f1",
+          choices=("f1", "iou", "iou_macro", "iou_micro"), azure=False),
+    BATCH_INPUT,
+    *DATA_INPUTS,
+)
+
+PREDICT_INPUTS: tuple[Input, ...] = (
+    MODEL_INPUT,
+    Input("data", "mltable", "Images to predict: an image folder, a text file listing image paths, "
+          "a JSON Lines or CSV file, or an MLTable folder.", required=True, azure=False),
+    Input("output", "file", "Predictions file: .jsonl or .csv.", required=True, azure=False),
+    BATCH_INPUT,
+    Input("image_column", "str", "Column of the annotation data that holds the image path or URL.",
+          default="image_url", azure=False),
+)
+
+EXPORT_ONNX_INPUTS: tuple[Input, ...] = (
+    MODEL_INPUT,
+    Input("output_dir", "folder", "Where to write model.onnx and its metadata.", required=True,
+          azure=False),
+    Input("opset", "int", "ONNX opset version.", default=18, minimum=13, azure=False),
+)
+
+OUTPUT_NAMES = frozenset({"output_dir", "output_dir_pytorch", "output_dir_mlflow",
+                          "output_dir_evaluation"})
 
 
 def by_name(inputs: Iterable[Input]) -> dict[str, Input]:
