@@ -1,0 +1,232 @@
+"""Read and decode images into 8-bit RGB, the one form the transforms expect.
+
+Conversions (after EXIF orientation is applied, so pixels are as a viewer shows them):
+
+* grayscale ``1``/``L`` -> RGB by repeating the channel;
+* 16-bit grayscale (``I;16*``) -> 8-bit by scaling 0..65535 to 0..255 (not by clipping);
+  ``I`` (32-bit) is scaled the same way when its values exceed 255, else taken as 8-bit;
+  ``F`` (float) is scaled from 0..1 when it lies in that range, else clipped to 0..255;
+* palette ``P`` -> RGB, through RGBA when the palette has transparency;
+* images with alpha (``RGBA``, ``LA``, ``PA``...) are composited onto white, because fully
+  transparent pixels often hold arbitrary colours that dropping alpha would reveal;
+* ``CMYK``, ``YCbCr`` and the rest -> RGB with Pillow's conversion (ICC profiles ignored).
+
+Images over MAX_PIXELS pixels are refused as possible decompression bombs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from visiontune.data.mltable import local_path
+from visiontune.errors import DataError
+
+# Pillow's own default; we check it ourselves so that a changed Image.MAX_IMAGE_PIXELS
+# elsewhere in the process does not switch the protection off.
+MAX_PIXELS = 89_478_485
+HTTP_TIMEOUT_S = 30.0
+_EXIF_ORIENTATION = 0x0112
+
+# Pillow only warns between MAX_IMAGE_PIXELS and twice that; a huge image is never wanted here,
+# so that warning becomes an error. Checked before each open, because any warnings.catch_warnings()
+# block around our import (test runners, notebooks) would have removed a filter set only once.
+_BOMB_FILTER = ("error", None, Image.DecompressionBombWarning, None, 0)
+
+
+def _refuse_bombs() -> None:
+    if _BOMB_FILTER not in warnings.filters:
+        warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+def cache_dir() -> Path:
+    """Where downloaded images are kept: $VISIONTUNE_CACHE_DIR or ~/.cache/visiontune/images."""
+    configured = os.environ.get("VISIONTUNE_CACHE_DIR")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "visiontune" / "images"
+
+
+def read_image_bytes(uri: str) -> bytes:
+    """The bytes of a local path, file:// URI, http(s) URL (cached) or azureml:// URI."""
+    scheme = urlparse(uri).scheme.lower()
+    if scheme in ("http", "https"):
+        return _read_http(uri)
+    if scheme == "azureml":
+        return _read_azureml(uri)
+    try:
+        path = local_path(uri, Path.cwd())
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+    except IsADirectoryError:
+        raise DataError(f"image path is a folder: {path}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read image {path}: {exc.strerror or exc}") from None
+
+
+def _read_http(url: str) -> bytes:
+    """Fetch once, then serve from the cache; the file appears atomically so that parallel
+    readers (threads, data-loading processes) never see half a download."""
+    folder = cache_dir()
+    target = folder / hashlib.sha256(url.encode("utf-8")).hexdigest()
+    try:
+        return target.read_bytes()
+    except FileNotFoundError:
+        pass
+    request = urllib.request.Request(url, headers={"User-Agent": "visiontune"})
+    try:
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+            data = response.read()
+    except urllib.error.HTTPError as exc:
+        raise DataError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise DataError(f"cannot download {url}: {reason}") from None
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".part-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return data
+
+
+def _read_azureml(uri: str) -> bytes:
+    try:
+        import azureml.fsspec  # noqa: F401  (registers the azureml:// protocol with fsspec)
+        import fsspec
+    except ImportError:
+        raise DataError(
+            f"cannot read {uri}: azureml:// URIs need the azureml-fsspec package "
+            "(pip install azureml-fsspec) and Azure credentials; or download the images and "
+            "use local paths"
+        ) from None
+    try:
+        with fsspec.open(uri, "rb") as handle:
+            return handle.read()
+    except Exception as exc:  # the filesystem raises many kinds; the message is what counts
+        raise DataError(f"cannot read {uri}: {exc}") from None
+
+
+def _open(data: bytes, where: str) -> Image.Image:
+    """Open and fully decode, refusing empty files, non-images, truncation and bombs."""
+    label = where or "image"
+    if not data:
+        raise DataError(f"{label}: empty file")
+    _refuse_bombs()
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"{label}: image too large (over {MAX_PIXELS:,} pixels; refused as a "
+                        "possible decompression bomb)") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{label}: not an image file (or an unsupported format)") from None
+    except Exception as exc:
+        raise DataError(f"{label}: cannot open image ({exc})") from None
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        raise DataError(f"{label}: image too large ({width}x{height} is over {MAX_PIXELS:,} "
+                        "pixels; refused as a possible decompression bomb)")
+    if width == 0 or height == 0:
+        raise DataError(f"{label}: image has no pixels ({width}x{height})")
+    try:
+        image.load()
+    except OSError as exc:
+        text = str(exc)
+        reason = "truncated or corrupt image" if "truncat" in text.lower() else f"cannot decode image ({text})"
+        raise DataError(f"{label}: {reason}") from None
+    except Exception as exc:  # decoders raise SyntaxError, ValueError, struct.error...
+        raise DataError(f"{label}: cannot decode image ({type(exc).__name__}: {exc})") from None
+    return image
+
+
+def decode_image(data: bytes, where: str = "") -> Image.Image:
+    """8-bit RGB with EXIF orientation applied; DataError naming ``where`` otherwise."""
+    image = _orient(_open(data, where))
+    try:
+        return to_rgb(image)
+    except Exception as exc:
+        raise DataError(f"{where or 'image'}: cannot convert mode {image.mode} to RGB ({exc})") from None
+
+
+def _orient(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; skipped (no copy) for the usual upright image."""
+    try:
+        if image.getexif().get(_EXIF_ORIENTATION, 1) in (1, None):
+            return image
+        return ImageOps.exif_transpose(image)
+    except Exception:
+        return image  # a broken EXIF block should not cost the image; the pixels are fine
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("1", "L"):
+        return image.convert("L").convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return Image.fromarray(_wide_to_uint8(image)).convert("RGB")  # 2-D uint8 -> "L"
+    if mode == "P":
+        if "transparency" in image.info:
+            return _on_white(image.convert("RGBA"))
+        return image.convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "A" in image.getbands():
+        return _on_white(image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def _wide_to_uint8(image: Image.Image) -> np.ndarray:
+    array = np.asarray(image)
+    if image.mode == "F":
+        values = array.astype(np.float64)
+        finite = values[np.isfinite(values)]
+        if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
+            values = values * 255.0
+        return np.clip(np.nan_to_num(values), 0, 255).round().astype(np.uint8)
+    values = array.astype(np.int64)
+    if image.mode.startswith("I;16") or values.max(initial=0) > 255:
+        # 65535 / 257 == 255 exactly, so white stays white and black stays black.
+        return np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8)
+    return np.clip(values, 0, 255).astype(np.uint8)
+
+
+def _on_white(rgba: Image.Image) -> Image.Image:
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def load_image(uri: str) -> Image.Image:
+    """read_image_bytes + decode_image."""
+    return decode_image(read_image_bytes(uri), where=uri)
+
+
+def to_uint8_tensor(image: Image.Image):
+    """A CHW uint8 torch tensor of an image (converted to RGB when it is not)."""
+    import torch
+
+    if image.mode != "RGB":
+        image = to_rgb(image)
+    array = np.array(image, dtype=np.uint8, copy=True)  # writable: torch warns otherwise
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def verify_image(uri: str, where: str = "") -> tuple[int, int]:
+    """Read and decode the image exactly as training will (so truncation and unusable modes
+    are found now); return its (width, height) as the model sees it, after EXIF orientation."""
+    return decode_image(read_image_bytes(uri), where or uri).size

@@ -1,0 +1,248 @@
+"""From the component's inputs to Hugging Face ``TrainingArguments``.
+
+Everything here runs before any data or model is loaded, so a bad combination of inputs
+fails in a second with one line naming the input. Where the Trainer would reject a
+combination that has an obvious fix, the fix is applied and stated (``notes``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from visiontune.errors import UserError
+from visiontune.inputs import MULTICLASS, MULTILABEL
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_NAMES = {
+    "warmup_linear": "linear",
+    "warmup_cosine": "cosine",
+    "warmup_cosine_with_restarts": "cosine_with_restarts",
+    "warmup_polynomial": "polynomial",
+    "constant": "constant",
+    "warmup_constant": "constant_with_warmup",
+}
+
+# adamw_hf (the removed transformers AdamW) runs as torch's AdamW, like "adamw".
+OPTIMIZER_NAMES = {
+    "adamw_hf": "adamw_torch",
+    "adamw": "adamw_torch",
+    "sgd": "sgd",
+    "adafactor": "adafactor",
+    "adagrad": "adagrad",
+}
+
+# extra_optim_args keys each optimizer honours, and where each goes: "optim_args" passes the
+# key to the optimizer, any other value names the TrainingArguments field it sets.
+EXTRA_OPTIM_KEYS: dict[str, dict[str, str]] = {
+    "sgd": {"momentum": "optim_args", "dampening": "optim_args", "nesterov": "optim_args",
+            "weight_decay": "weight_decay", "lr": "learning_rate"},
+    "adagrad": {"lr_decay": "optim_args", "eps": "optim_args", "weight_decay": "weight_decay",
+                "lr": "learning_rate"},
+    "adamw_torch": {"beta1": "adam_beta1", "beta2": "adam_beta2", "eps": "adam_epsilon",
+                    "weight_decay": "weight_decay", "lr": "learning_rate"},
+    "adafactor": {"weight_decay": "weight_decay", "lr": "learning_rate"},
+}
+
+
+def parse_extra_optim_args(text: str | None) -> dict[str, Any]:
+    """``"momentum=0.5; nesterov=True"`` -> ``{"momentum": 0.5, "nesterov": True}``."""
+    if not text:
+        return {}
+    result: dict[str, Any] = {}
+    for part in text.strip().strip('"').strip("'").replace(",", ";").split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, raw = part.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key or not raw:
+            raise UserError(
+                f"--extra_optim_args: cannot read {part!r}; write key=value pairs separated by "
+                f"';', e.g. \"momentum=0.5; nesterov=True\""
+            )
+        if raw.lower() in ("true", "false"):
+            value: Any = raw.lower() == "true"
+        else:
+            try:
+                value = float(raw)
+            except ValueError:
+                raise UserError(
+                    f"--extra_optim_args: {key}={raw!r} is not a number or true/false"
+                ) from None
+        result[key] = value
+    return result
+
+
+def read_deepspeed_config(path: str | None) -> dict[str, Any] | None:
+    """A DeepSpeed config must be a JSON object; checked here, before anything is loaded."""
+    if not path:
+        return None
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--deepspeed_config: file not found: {path}")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" (line {exc.lineno}: {exc.msg})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise UserError(f"--deepspeed_config: invalid JSON in deepspeed config file {path}{where}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"--deepspeed_config: {path} must hold a JSON object (a DeepSpeed config)")
+    return config
+
+
+def ort_training_available() -> bool:
+    """ORT training (ORTModule) does not import with current torch; check rather than assume."""
+    try:
+        from onnxruntime.training.ortmodule import ORTModule  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@dataclass
+class Plan:
+    """What the run will do: TrainingArguments keywords and the decisions stated to the user."""
+
+    training_args: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    deepspeed_config: dict[str, Any] | None = None
+
+
+def check_inputs(values: dict[str, Any]) -> list[str]:
+    """Cross-input rules. Mutates ``values`` only where a stated alignment applies."""
+    notes: list[str] = []
+    task = values["task_name"]
+    metric = values["metric_for_best_model"]
+    if task == MULTICLASS and metric and metric.startswith("iou"):
+        raise UserError(
+            f"--metric_for_best_model: {metric} is for multi-label classification; for "
+            f"{MULTICLASS} use one of loss, accuracy, f1_score_macro, precision_score_macro, "
+            "recall_score_macro"
+        )
+    if task == MULTILABEL and values.get("label_smoothing_factor"):
+        notes.append(
+            f"label_smoothing_factor {values['label_smoothing_factor']} reset to 0: label smoothing "
+            "does not apply to multi-label classification"
+        )
+        values["label_smoothing_factor"] = 0.0
+    if values["optimizer"] == "adamw_ort_fused":
+        if not values["apply_ort"]:
+            raise UserError("--optimizer: adamw_ort_fused needs --apply_ort true (ONNX Runtime training)")
+        if not ort_training_available():
+            raise UserError(
+                "--optimizer: adamw_ort_fused needs ONNX Runtime training, which does not import "
+                "with this torch; choose one of adamw_hf, adamw, sgd, adafactor, adagrad"
+            )
+    if values["deepspeed_config"] and not values["apply_deepspeed"]:
+        notes.append("deepspeed_config is ignored: apply_deepspeed is false")
+    if values["output_dir_mlflow"] is None and values["save_as_mlflow_model"]:
+        values["output_dir_mlflow"] = str(Path(values["output_dir_pytorch"]) / "mlflow_model")
+        notes.append(f"output_dir_mlflow not given: the MLflow model goes to {values['output_dir_mlflow']}")
+
+    # The best model is kept at the end (as in Azure), so checkpoints must line up with
+    # evaluations; align instead of letting the Trainer refuse.
+    ev, sv = values["evaluation_strategy"], values["save_strategy"]
+    if ev != sv:
+        notes.append(
+            f"save_strategy set to {ev!r} to match evaluation_strategy: the best model is chosen "
+            "among evaluated checkpoints"
+        )
+        values["save_strategy"] = ev
+        if ev == "steps" and values["save_steps"] % values["evaluation_steps"]:
+            values["save_steps"] = values["evaluation_steps"]
+    if values["save_strategy"] == "steps" and values["save_steps"] % values["evaluation_steps"]:
+        aligned = -(-values["save_steps"] // values["evaluation_steps"]) * values["evaluation_steps"]
+        notes.append(
+            f"save_steps {values['save_steps']} raised to {aligned}, a multiple of evaluation_steps "
+            f"{values['evaluation_steps']}, so that every checkpoint has been evaluated"
+        )
+        values["save_steps"] = aligned
+    return notes
+
+
+def extra_optimizer_settings(optim: str, extra: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """Split extra_optim_args into TrainingArguments fields and the ``optim_args`` string."""
+    allowed = EXTRA_OPTIM_KEYS.get(optim, {})
+    unknown = sorted(set(extra) - set(allowed))
+    if unknown:
+        raise UserError(
+            f"--extra_optim_args: {', '.join(unknown)} not accepted for this optimizer; allowed: "
+            + (", ".join(sorted(allowed)) or "none")
+        )
+    fields: dict[str, Any] = {}
+    optim_args: list[str] = []
+    for key, value in extra.items():
+        target = allowed[key]
+        if target == "optim_args":
+            optim_args.append(f"{key}={value}")
+        else:
+            fields[target] = value
+    return fields, (",".join(optim_args) or None)
+
+
+def plan_training(values: dict[str, Any], *, use_cpu: bool, bf16_ok: bool) -> Plan:
+    """Map checked, defaulted values onto TrainingArguments keywords."""
+    notes = check_inputs(values)
+    optim = OPTIMIZER_NAMES.get(values["optimizer"], values["optimizer"])
+    extra = parse_extra_optim_args(values["extra_optim_args"])
+    extra_fields, optim_args = extra_optimizer_settings(optim, extra)
+    for key, value in extra_fields.items():
+        notes.append(f"extra_optim_args sets {key}={value} (it wins over the other inputs)")
+
+    precision: dict[str, Any] = {}
+    if values["precision"] == 16:
+        if use_cpu or bf16_ok:
+            precision["bf16"] = True
+            notes.append("precision 16 runs as bf16 mixed precision" + (" on the CPU" if use_cpu else ""))
+        else:
+            precision["fp16"] = True
+
+    max_steps = values["max_steps"] if values["max_steps"] and values["max_steps"] > 0 else -1
+    args: dict[str, Any] = dict(
+        output_dir=values["output_dir_pytorch"],
+        num_train_epochs=values["number_of_epochs"],
+        max_steps=max_steps,
+        per_device_train_batch_size=values["training_batch_size"],
+        per_device_eval_batch_size=values["validation_batch_size"],
+        auto_find_batch_size=values["auto_find_batch_size"],
+        learning_rate=values["learning_rate"],
+        lr_scheduler_type=SCHEDULER_NAMES[values["learning_rate_scheduler"]],
+        warmup_steps=values["warmup_steps"],
+        optim=optim,
+        optim_args=optim_args,
+        weight_decay=values["weight_decay"],
+        gradient_accumulation_steps=values["gradient_accumulation_step"],
+        max_grad_norm=values["max_grad_norm"],
+        label_smoothing_factor=values["label_smoothing_factor"],
+        seed=values["random_seed"],
+        data_seed=values["random_seed"],
+        eval_strategy=values["evaluation_strategy"],
+        eval_steps=values["evaluation_steps"],
+        logging_strategy=values["logging_strategy"],
+        logging_steps=values["logging_steps"],
+        save_strategy=values["save_strategy"],
+        save_steps=values["save_steps"],
+        save_total_limit=None if values["save_total_limit"] == -1 else values["save_total_limit"],
+        load_best_model_at_end=True,
+        metric_for_best_model=values["metric_for_best_model"],
+        greater_is_better=values["metric_for_best_model"] != "loss",
+        dataloader_num_workers=values["number_of_workers"],
+        dataloader_persistent_workers=values["number_of_workers"] > 0,
+        dataloader_pin_memory=not use_cpu,
+        remove_unused_columns=False,
+        report_to=[],
+        use_cpu=use_cpu,
+        # BCE has no token count: averaging "tokens" across ranks would scale the loss by the
+        # world size (environment.md). Cross-entropy over images has the same semantics.
+        average_tokens_across_devices=False,
+        ddp_find_unused_parameters=False,
+        **precision,
+    )
+    args.update(extra_fields)
+    ds_config = read_deepspeed_config(values["deepspeed_config"]) if values["apply_deepspeed"] else None
+    return Plan(training_args=args, notes=notes, deepspeed_config=ds_config)

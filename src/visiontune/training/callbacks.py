@@ -1,0 +1,104 @@
+"""Trainer callbacks: complete-checkpoint markers, the metrics log, plain progress lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+log = logging.getLogger("visiontune.training")
+
+COMPLETE_MARKER = "visiontune_complete.json"
+METRICS_LOG = "metrics.jsonl"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class CompleteCheckpointCallback(TrainerCallback):
+    """Mark a checkpoint complete only after the Trainer has written all of it.
+
+    The Trainer writes a checkpoint file by file; a crash part-way leaves a folder that its own
+    ``get_last_checkpoint`` would pick. Resume here only trusts folders with this marker, which
+    is written (atomically) after the last file, so a half checkpoint is never resumed from.
+    """
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                files = sorted(p.name for p in folder.iterdir())
+                _write_json_atomic(folder / COMPLETE_MARKER, {"global_step": state.global_step,
+                                                              "epoch": state.epoch, "files": files})
+        return control
+
+
+class MetricsLogCallback(TrainerCallback):
+    """Every log and evaluation as one JSON line, and a plain line on the console."""
+
+    def __init__(self, path: Path, show_progress_lines: bool):
+        self.path = Path(path)
+        self.show = show_progress_lines
+        self.started = time.monotonic()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return control
+        record = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4),
+                  "elapsed_s": round(time.monotonic() - self.started, 2), **logs}
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, default=float) + "\n")
+        if self.show:
+            shown = ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in logs.items() if not k.endswith(("_runtime", "_per_second", "flos"))
+            )
+            log.info("step %d/%d epoch %.2f: %s", state.global_step, state.max_steps,
+                     state.epoch or 0.0, shown)
+        return control
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """``checkpoint-N`` folders, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        m = _CHECKPOINT.match(child.name)
+        if m and child.is_dir():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def is_complete(folder: Path) -> bool:
+    try:
+        marker = json.loads((folder / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return all((folder / name).exists() for name in marker.get("files", []))
+
+
+def newest_complete_checkpoint(output_dir: Path) -> Path | None:
+    for _, folder in reversed(list_checkpoints(output_dir)):
+        if is_complete(folder):
+            return folder
+    return None
+
+
+def remove_incomplete_checkpoints(output_dir: Path) -> list[Path]:
+    removed = []
+    for _, folder in list_checkpoints(output_dir):
+        if not is_complete(folder):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed

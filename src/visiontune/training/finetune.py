@@ -1,0 +1,272 @@
+"""The finetune component: checked inputs -> data -> model -> Hugging Face Trainer -> outputs.
+
+Order matters for users: every input is checked (and the defaults chain applied) before any
+data or model is loaded, so a typo fails in a second; the data is read and verified before
+the model is loaded, so a bad dataset fails before the expensive part.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from visiontune.errors import UserError
+from visiontune.inputs import MULTILABEL
+from visiontune.training.arguments import plan_training
+from visiontune.training.callbacks import (
+    METRICS_LOG, CompleteCheckpointCallback, MetricsLogCallback, list_checkpoints,
+    newest_complete_checkpoint, remove_incomplete_checkpoints,
+)
+from visiontune.training.defaults import apply_defaults
+
+log = logging.getLogger("visiontune.finetune")
+
+ARGS_FILE = "finetune_args.json"
+AUGMENTATIONS_FILE = "augmentations.json"
+EVAL_RESULTS_FILE = "eval_results.json"
+
+
+@dataclass
+class FinetuneResult:
+    output_dir_pytorch: Path
+    output_dir_mlflow: Path | None
+    metrics: dict[str, Any]
+    classes: list[str]
+
+
+def _model_name(model_dir: Path, metadata: dict[str, Any]) -> str | None:
+    name = metadata.get("model_metadata", {}).get("base_model_name") or metadata.get("model_name")
+    if name:
+        return name
+    try:
+        return json.loads((model_dir / "config.json").read_text()).get("_name_or_path") or None
+    except (OSError, ValueError):
+        return None
+
+
+def check_model_folder(model_path: str) -> Path:
+    folder = Path(model_path)
+    if not folder.is_dir():
+        raise UserError(f"--model_path: folder not found: {model_path}")
+    if not (folder / "config.json").is_file():
+        raise UserError(
+            f"--model_path: {model_path} is not a model folder (no config.json); pass the output "
+            "folder of `visiontune import-model` or a Hugging Face model folder"
+        )
+    return folder
+
+
+def _device_flags() -> tuple[bool, bool]:
+    import torch
+
+    if torch.cuda.is_available():
+        return False, torch.cuda.is_bf16_supported()
+    return True, False
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _print_plan(values: dict[str, Any], sources: dict[str, str], notes: list[str]) -> None:
+    if not _is_main_process():
+        return
+    lines = ["effective inputs (value, and where it came from when chosen by defaults):"]
+    for name, value in values.items():
+        src = sources.get(name)
+        lines.append(f"  {name} = {value}" + (f"   [{src}]" if src and src != "user" else ""))
+    for note in notes:
+        lines.append(f"  note: {note}")
+    print("\n".join(lines), flush=True)
+
+
+def _scalar_metrics(task: str, threshold: float):
+    from visiontune.metrics import compute_metrics
+
+    def compute(prediction) -> dict[str, float]:
+        logits = prediction.predictions
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        result = compute_metrics(np.asarray(logits), np.asarray(prediction.label_ids), task,
+                                 threshold=threshold)
+        return {k: v for k, v in result.items() if k != "per_class"}
+
+    return compute
+
+
+def _prepare_output_dir(out: Path, resume: bool) -> Path | None:
+    """Pick the checkpoint to resume from, or clear old checkpoints for a fresh start."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not _is_main_process():
+        return newest_complete_checkpoint(out) if resume else None
+    if resume:
+        for folder in remove_incomplete_checkpoints(out):
+            log.warning("removed incomplete checkpoint %s (written when a run stopped)", folder)
+        checkpoint = newest_complete_checkpoint(out)
+        if checkpoint is None:
+            log.warning("resume_from_checkpoint: no complete checkpoint in %s; starting from the "
+                        "beginning", out)
+        else:
+            log.info("resuming from %s", checkpoint)
+        return checkpoint
+    old = list_checkpoints(out)
+    if old:
+        log.warning("output_dir_pytorch holds %d checkpoint(s) of an earlier run; removing them "
+                    "(pass --resume_from_checkpoint true to continue that run instead)", len(old))
+        for _, folder in old:
+            shutil.rmtree(folder, ignore_errors=True)
+    metrics_log = out / METRICS_LOG
+    if metrics_log.exists():
+        metrics_log.unlink()
+    return None
+
+
+def finetune(values: dict[str, Any], *, callbacks: Iterable[Any] = ()) -> FinetuneResult:
+    """Run the finetune component on resolved CLI/config values (see inputs.FINETUNE_INPUTS)."""
+    values = dict(values)
+    task = values["task_name"]
+    model_dir = check_model_folder(values["model_path"])
+
+    from visiontune.models.importer import read_model_metadata
+
+    metadata = read_model_metadata(model_dir)
+    base_model = _model_name(model_dir, metadata)
+    values, sources = apply_defaults(values, task, base_model, model_dir)
+    use_cpu, bf16_ok = _device_flags()
+    cpus = os.cpu_count() or 1
+    if values["number_of_workers"] > cpus:
+        sources["number_of_workers"] = f"reduced from {values['number_of_workers']} to the CPUs here"
+        values["number_of_workers"] = cpus
+    plan = plan_training(values, use_cpu=use_cpu, bf16_ok=bf16_ok)
+    _print_plan(values, sources, plan.notes)
+
+    # Data before model: a bad dataset fails before anything heavy is loaded.
+    from visiontune.data.dataset import ImageDataset
+    from visiontune.data.prepare import prepare_data
+    from visiontune.data.transforms import (
+        describe_augmentations, eval_transform, resolve_preprocessing, train_transform,
+    )
+
+    data = prepare_data(
+        values["training_data"], values["validation_data"], task=task,
+        image_column=values["image_column"], label_column=values["label_column"],
+        validation_fraction=values["validation_fraction"], seed=values["random_seed"],
+        skip_bad_rows=values["skip_bad_rows"],
+    )
+
+    from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
+
+    from visiontune.models.loading import load_for_finetune, load_image_processor
+    from visiontune.training.trainer import VisionTrainer
+
+    processor = load_image_processor(model_dir)
+    pre = resolve_preprocessing(processor, values["image_height"], values["image_width"])
+    train_ds = ImageDataset(data.train, data.classes, task,
+                            train_transform(pre, values["apply_augmentations"]))
+    val_ds = ImageDataset(data.validation, data.classes, task, eval_transform(pre))
+
+    set_seed(values["random_seed"])  # the new head's initialisation is part of the run
+    model = load_for_finetune(model_dir, data.classes, task)
+
+    out = Path(values["output_dir_pytorch"])
+    checkpoint = _prepare_output_dir(out, values["resume_from_checkpoint"])
+    show_lines = not sys.stderr.isatty()
+    args = TrainingArguments(**plan.training_args, deepspeed=plan.deepspeed_config,
+                             disable_tqdm=show_lines)
+    threshold = values["multilabel_threshold"]
+    trainer_callbacks = [CompleteCheckpointCallback(), MetricsLogCallback(out / METRICS_LOG, show_lines)]
+    if values["early_stopping"]:
+        trainer_callbacks.append(EarlyStoppingCallback(values["early_stopping_patience"]))
+    trainer = VisionTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+        compute_metrics=_scalar_metrics(task, threshold),
+        callbacks=[*trainer_callbacks, *callbacks],
+    )
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    # The best model is loaded at the end; evaluate it once more on the whole validation set.
+    from visiontune.metrics import compute_metrics
+
+    prediction = trainer.predict(val_ds, metric_key_prefix="eval")
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, (tuple, list)) else prediction.predictions
+    metrics = compute_metrics(np.asarray(logits), np.asarray(prediction.label_ids), task,
+                              threshold=threshold, class_names=data.classes)
+    metrics["loss"] = float(prediction.metrics.get("eval_loss", float("nan")))
+
+    mlflow_dir = None
+    if trainer.is_world_process_zero():
+        _write_outputs(out, trainer, processor, pre, data, values, sources, plan.notes, metrics,
+                       base_model, metadata, describe_augmentations(pre, values["apply_augmentations"]))
+        if values["save_as_mlflow_model"]:
+            from visiontune.serving.mlflow_model import save_mlflow_model
+
+            mlflow_dir = save_mlflow_model(out, values["output_dir_mlflow"])
+        summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"validation metrics of the best model: {summary}", flush=True)
+        print(f"pytorch model: {out}", flush=True)
+        if mlflow_dir:
+            print(f"mlflow model: {mlflow_dir}", flush=True)
+    trainer.accelerator.wait_for_everyone()
+    return FinetuneResult(out, mlflow_dir, metrics, data.classes)
+
+
+def _write_outputs(out, trainer, processor, pre, data, values, sources, notes, metrics,
+                   base_model, metadata, augmentations) -> None:
+    from visiontune.models.importer import write_model_metadata
+
+    timm = update_processor_size(processor, trainer.model.config, pre)
+    trainer.save_model(str(out))
+    if timm:
+        from visiontune.models.builtin import write_timm_processor_config
+
+        write_timm_processor_config(out)
+    else:
+        processor.save_pretrained(str(out))
+    task = values["task_name"]
+    parent = metadata.get("model_metadata", {})
+    write_model_metadata(out, {
+        "model_name": base_model,
+        "source": "finetune",
+        "source_path": str(Path(values["model_path"]).resolve()),
+        "pytorch_model_path": ".",
+        "mlflow_model_path": None,
+        "model_metadata": {
+            "base_model_name": parent.get("base_model_name") or base_model,
+            "finetuning_task": task,
+            "is_finetuned_model": True,
+            "id2label": {str(i): c for i, c in enumerate(data.classes)},
+        },
+        "preprocessing": pre.to_dict(),
+        "multilabel_threshold": values["multilabel_threshold"] if task == MULTILABEL else None,
+    })
+    (out / ARGS_FILE).write_text(json.dumps(
+        {"values": values, "sources": sources, "notes": notes}, indent=2, default=str), encoding="utf-8")
+    (out / AUGMENTATIONS_FILE).write_text(json.dumps(augmentations, indent=2, default=str),
+                                          encoding="utf-8")
+    (out / EVAL_RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=float), encoding="utf-8")
+
+
+def update_processor_size(processor, model_config, pre) -> bool:
+    """Make the saved image processor describe the trained input size (Azure does the same).
+
+    timm-wrapper models keep their preprocessing in ``config.pretrained_cfg`` (their processor
+    saves nothing), so that is what changes for them. Returns whether the model is one."""
+    pretrained_cfg = getattr(model_config, "pretrained_cfg", None)
+    if getattr(model_config, "model_type", None) == "timm_wrapper" and isinstance(pretrained_cfg, dict):
+        pretrained_cfg["input_size"] = [3, pre.height, pre.width]
+        pretrained_cfg["crop_pct"] = 1.0
+        return True
+    size = {"height": pre.height, "width": pre.width}
+    if getattr(processor, "size", None) is not None:
+        processor.size = size
+    if getattr(processor, "do_center_crop", False):
+        processor.crop_size = size
+    return False

@@ -1,0 +1,157 @@
+"""Transforms, Preprocessing and its resolution from real image processors."""
+
+import logging
+import pickle
+
+import pytest
+import torch
+from transformers import (
+    ConvNextImageProcessor, MobileViTImageProcessor, TimmWrapperImageProcessor, ViTImageProcessor,
+)
+
+from visiontune.data.transforms import (
+    IMAGENET_MEAN, IMAGENET_STD, Preprocessing, describe_augmentations, eval_transform,
+    resolve_preprocessing, train_transform,
+)
+
+
+def image(height=50, width=70, value=None, seed=0):
+    if value is not None:
+        return torch.full((3, height, width), value, dtype=torch.uint8)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
+
+
+PRE = Preprocessing(height=32, width=24, mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.1))
+
+
+def test_eval_transform_resizes_and_normalises_exactly():
+    out = eval_transform(PRE)(image(value=255))
+    assert out.dtype == torch.float32 and out.shape == (3, 32, 24)
+    expected = [(1 - 0.5) / 0.25, (1 - 0.4) / 0.2, (1 - 0.3) / 0.1]
+    assert torch.allclose(out[:, 0, 0], torch.tensor(expected))
+    zero = eval_transform(PRE)(image(value=0))
+    assert torch.allclose(zero[:, 5, 5], torch.tensor([-2.0, -2.0, -3.0]))
+
+
+def test_eval_transform_is_deterministic_and_has_no_crop():
+    # A bright stripe at the left edge survives a plain resize (a center crop would cut it).
+    picture = torch.zeros((3, 40, 100), dtype=torch.uint8)
+    picture[:, :, :10] = 255
+    transform = eval_transform(Preprocessing(height=20, width=50, mean=(0, 0, 0), std=(1, 1, 1)))
+    out = transform(picture)
+    assert out.shape == (3, 20, 50)
+    assert out[:, :, :4].min() > 0.99 and out[:, :, 6:].max() < 0.01
+    assert torch.equal(out, transform(picture))
+
+
+def test_train_transform_shapes_and_randomness():
+    augmented = train_transform(PRE, augment=True)
+    torch.manual_seed(0)
+    first = augmented(image())
+    second = augmented(image())
+    assert first.dtype == torch.float32 and first.shape == (3, 32, 24)
+    assert not torch.equal(first, second)
+    plain = train_transform(PRE, augment=False)
+    assert torch.equal(plain(image()), eval_transform(PRE)(image()))
+
+
+def test_transforms_pickle_for_dataloader_workers():
+    for transform in (train_transform(PRE, True), eval_transform(PRE)):
+        clone = pickle.loads(pickle.dumps(transform))
+        assert clone(image()).shape == (3, 32, 24)
+
+
+def test_preprocessing_round_trip_and_checks():
+    data = PRE.to_dict()
+    assert data == {"height": 32, "width": 24, "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.1],
+                    "interpolation": "bilinear", "resize": "resize", "channel_order": "RGB"}
+    assert Preprocessing.from_dict({**data, "future_key": 1}) == PRE
+    with pytest.raises(ValueError):
+        Preprocessing(height=0, width=5)
+    with pytest.raises(ValueError):
+        Preprocessing(height=5, width=5, interpolation="lanczos")
+
+
+def test_describe_augmentations():
+    on = describe_augmentations(PRE, True)
+    assert on["apply_augmentations"] is True
+    assert [s["name"] for s in on["train"]] == [
+        "RandomResizedCrop", "RandomHorizontalFlip", "RandomApply", "ToDtype", "Normalize"]
+    assert on["train"][0]["scale"] == [0.08, 1.0] and on["train"][0]["size"] == [32, 24]
+    assert on["train"][2]["p"] == 0.5 and on["train"][2]["transforms"][0]["hue"] == 0.4
+    assert [s["name"] for s in on["eval"]] == ["Resize", "ToDtype", "Normalize"]
+    off = describe_augmentations(PRE, False)
+    assert off["train"] == off["eval"] and off["preprocessing"]["height"] == 32
+    import json
+    json.dumps(on)  # serialisable
+
+
+def test_vit_processor():
+    pre = resolve_preprocessing(ViTImageProcessor())
+    assert (pre.height, pre.width) == (224, 224)
+    assert pre.mean == (0.5, 0.5, 0.5) and pre.std == (0.5, 0.5, 0.5)
+    custom = ViTImageProcessor(size={"height": 160, "width": 128}, image_mean=[0.1, 0.2, 0.3],
+                               image_std=[0.4, 0.5, 0.6])
+    pre = resolve_preprocessing(custom)
+    assert (pre.height, pre.width, pre.mean, pre.std) == (160, 128, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+
+
+def test_convnext_processor_shortest_edge():
+    processor = ConvNextImageProcessor(size={"shortest_edge": 288})
+    pre = resolve_preprocessing(processor)
+    assert (pre.height, pre.width) == (288, 288)
+    assert pre.mean == tuple(float(m) for m in processor.image_mean)
+
+
+def test_center_crop_processor_uses_crop_size():
+    processor = ViTImageProcessor(size={"height": 256, "width": 256}, do_center_crop=True,
+                                  crop_size={"height": 224, "width": 200})
+    if not getattr(processor, "do_center_crop", False):
+        pytest.skip("this ViT processor has no center crop")
+    pre = resolve_preprocessing(processor)
+    assert (pre.height, pre.width) == (224, 200)
+
+
+def test_timm_wrapper_processor():
+    processor = TimmWrapperImageProcessor(pretrained_cfg={
+        "input_size": [3, 240, 260], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+        "crop_pct": 0.875, "interpolation": "bicubic",
+    })
+    pre = resolve_preprocessing(processor)
+    assert (pre.height, pre.width) == (240, 260)
+    assert pre.mean == (0.5, 0.5, 0.5) and pre.std == (0.25, 0.25, 0.25)
+    assert pre.interpolation == "bilinear"
+
+
+def test_explicit_size_wins_only_when_both_are_given():
+    processor = ViTImageProcessor()
+    assert (resolve_preprocessing(processor, 100, 120).height,
+            resolve_preprocessing(processor, 100, 120).width) == (100, 120)
+    pre = resolve_preprocessing(processor, 100, -1)
+    assert (pre.height, pre.width) == (224, 224)
+
+
+def test_missing_mean_falls_back_to_imagenet_with_warning(caplog):
+    class Bare:
+        size = {"height": 64, "width": 48}
+
+    with caplog.at_level(logging.WARNING):
+        pre = resolve_preprocessing(Bare())
+    assert (pre.height, pre.width) == (64, 48)
+    assert pre.mean == IMAGENET_MEAN and pre.std == IMAGENET_STD
+    assert "ImageNet" in caplog.text
+    with pytest.raises(ValueError, match="image_height and image_width"):
+        resolve_preprocessing(object())
+    assert resolve_preprocessing(None, 10, 20).width == 20
+
+
+def test_processor_without_normalisation_and_bgr():
+    # MobileViT only rescales to 0..1 and feeds BGR.
+    pre = resolve_preprocessing(MobileViTImageProcessor())
+    assert (pre.height, pre.width) == (256, 256)
+    assert pre.mean == (0, 0, 0) and pre.std == (1, 1, 1) and pre.channel_order == "BGR"
+    red = torch.zeros((3, 8, 8), dtype=torch.uint8)
+    red[0] = 255
+    out = eval_transform(pre)(red)
+    assert out[:, 0, 0].tolist() == [0.0, 0.0, 1.0]

@@ -1,0 +1,258 @@
+"""The finetune component end to end on tiny models and real digit images (fast), and the
+quality bars of the built-in model on the demo data (slow)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, jaccard_score
+
+from conftest import subset
+from visiontune.cli import main
+from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, MULTILABEL, resolve
+from visiontune.training.finetune import finetune
+
+FAST = {"number_of_epochs": 2, "training_batch_size": 8, "validation_batch_size": 16,
+        "image_height": 32, "image_width": 32, "number_of_workers": 0, "learning_rate": 1e-3,
+        "save_as_mlflow_model": False}
+
+
+@pytest.fixture(scope="module")
+def digits(demo_dir, tmp_path_factory):
+    """Three digit classes, 16 training and 8 validation images each."""
+    root = tmp_path_factory.mktemp("digits3")
+    train = subset(demo_dir / "digits" / "train", root / "all_train.jsonl", 16, per_class=True)
+    val = subset(demo_dir / "digits" / "validation", root / "all_val.jsonl", 8, per_class=True)
+
+    def keep(path, out):
+        rows = [json.loads(l) for l in path.read_text().splitlines()]
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows if r["label"] in ("0", "1", "7")))
+        return out
+
+    return keep(train, root / "train.jsonl"), keep(val, root / "val.jsonl")
+
+
+@pytest.fixture(scope="module")
+def mosaics(demo_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mosaics")
+    return (subset(demo_dir / "mosaics" / "train", root / "train.jsonl", 48),
+            subset(demo_dir / "mosaics" / "validation", root / "val.jsonl", 24))
+
+
+def run(model_dir, data, out, task=MULTICLASS, callbacks=(), **over):
+    given = {"model_path": str(model_dir), "training_data": str(data[0]),
+             "validation_data": str(data[1]), "task_name": task,
+             "output_dir_pytorch": str(out), **FAST, **over}
+    return finetune(resolve(FINETUNE_INPUTS, given), callbacks=callbacks)
+
+
+def _state(folder):
+    return json.loads((Path(folder) / "trainer_state.json").read_text())
+
+
+def test_multiclass_outputs_and_cli(tiny_vit, digits, tmp_path):
+    out, mlf = tmp_path / "pt", tmp_path / "mlflow"
+    code = main(["finetune", "--model_path", str(tiny_vit), "--training_data", str(digits[0]),
+                 "--validation_data", str(digits[1]), "--task_name", MULTICLASS,
+                 "--output_dir_pytorch", str(out), "--output_dir_mlflow", str(mlf),
+                 *[x for k, v in FAST.items() if k != "save_as_mlflow_model" for x in (f"--{k}", str(v))]])
+    assert code == 0
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json",
+                 "model_selector_args.json", "finetune_args.json", "augmentations.json",
+                 "metrics.jsonl", "eval_results.json"):
+        assert (out / name).is_file(), name
+    meta = json.loads((out / "model_selector_args.json").read_text())
+    assert meta["model_metadata"]["id2label"] == {"0": "0", "1": "1", "2": "7"}
+    assert meta["model_metadata"]["finetuning_task"] == MULTICLASS
+    assert meta["preprocessing"]["height"] == 32
+    proc = json.loads((out / "preprocessor_config.json").read_text())
+    assert proc["size"] == {"height": 32, "width": 32}
+    args = json.loads((out / "finetune_args.json").read_text())
+    assert args["sources"]["optimizer"] == "base" and args["values"]["optimizer"] == "adamw_hf"
+    assert args["sources"]["learning_rate"] == "user"
+    history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [round(h["epoch"]) for h in history if "eval_accuracy" in h] == [1, 2]
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 2 and all((c / "visiontune_complete.json").is_file() for c in checkpoints)
+    assert all((c / "optimizer.pt").is_file() and (c / "rng_state.pth").is_file() for c in checkpoints)
+    assert (mlf / "MLmodel").is_file()
+    # The saved model is the best checkpoint's, every weight of it (legacy-named ViT keys too).
+    from transformers import AutoModelForImageClassification
+
+    best = _state(checkpoints[-1])["best_model_checkpoint"]
+    saved = AutoModelForImageClassification.from_pretrained(out).state_dict()
+    for key, value in AutoModelForImageClassification.from_pretrained(best).state_dict().items():
+        torch.testing.assert_close(saved[key], value, rtol=0, atol=0)
+
+    # The saved metrics are the reloaded model's, recomputed with scikit-learn in a fresh process.
+    results = json.loads((out / "eval_results.json").read_text())
+    script = textwrap.dedent(f"""
+        import json, sys, numpy as np
+        from visiontune.inference import Classifier
+        from visiontune.data.sources import load_records
+        from visiontune.data.images import load_image
+        clf = Classifier({str(out)!r}, device="cpu")
+        records, problems = load_records({str(digits[1])!r}, {MULTICLASS!r})
+        probs = clf.probabilities([load_image(r.image) for r in records])
+        print(json.dumps({{"probs": probs.tolist(), "labels": [r.label for r in records]}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    classes = ["0", "1", "7"]
+    y_true = [classes.index(l) for l in got["labels"]]
+    y_pred = np.argmax(np.array(got["probs"]), axis=1)
+    assert results["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-9)
+    assert len(results["per_class"]) == 3
+
+
+def test_multilabel_run_reports_iou(tiny_vit, mosaics, tmp_path):
+    result = run(tiny_vit, mosaics, tmp_path / "ml", task=MULTILABEL)
+    assert {"iou", "iou_micro", "iou_macro", "iou_weighted", "accuracy"} <= set(result.metrics)
+    config = json.loads((tmp_path / "ml" / "config.json").read_text())
+    assert config["problem_type"] == "multi_label_classification"
+    assert len(result.classes) == 10
+    args = json.loads((tmp_path / "ml" / "finetune_args.json").read_text())
+    assert args["values"]["metric_for_best_model"] == "iou"
+
+
+def test_same_seed_same_metrics(tiny_vit, digits, tmp_path):
+    a = run(tiny_vit, digits, tmp_path / "a", number_of_epochs=1)
+    b = run(tiny_vit, digits, tmp_path / "b", number_of_epochs=1)
+    assert a.metrics["loss"] == b.metrics["loss"] and a.metrics["accuracy"] == b.metrics["accuracy"]
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_vit, digits, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            control.should_training_stop = True
+
+    whole = run(tiny_vit, digits, tmp_path / "whole", number_of_epochs=2)
+    run(tiny_vit, digits, tmp_path / "resumed", number_of_epochs=2, callbacks=[Stop()])
+    # A half-written newer checkpoint (crash while saving) must not be picked.
+    half = tmp_path / "resumed" / "checkpoint-999"
+    half.mkdir()
+    (half / "config.json").write_text("{}")
+    resumed = run(tiny_vit, digits, tmp_path / "resumed", number_of_epochs=2,
+                  resume_from_checkpoint=True)
+    assert not half.exists()
+    assert _state(sorted((tmp_path / "resumed").glob("checkpoint-*"))[-1])["global_step"] == \
+        _state(sorted((tmp_path / "whole").glob("checkpoint-*"))[-1])["global_step"]
+    w1 = load_file(tmp_path / "whole" / "model.safetensors")
+    w2 = load_file(tmp_path / "resumed" / "model.safetensors")
+    for key in w1:
+        torch.testing.assert_close(w1[key], w2[key], rtol=0, atol=0)
+    assert resumed.metrics["loss"] == whole.metrics["loss"]
+    assert resumed.metrics["accuracy"] == whole.metrics["accuracy"]
+
+
+def test_max_steps_overrides_epochs_and_accumulation_counts_updates(tiny_vit, digits, tmp_path):
+    run(tiny_vit, digits, tmp_path / "a", max_steps=3, number_of_epochs=50)
+    assert _state(sorted((tmp_path / "a").glob("checkpoint-*"))[-1])["global_step"] == 3
+    # 48 images, batch 8: 6 batches an epoch; accumulating 2 makes 3 optimizer steps an epoch.
+    run(tiny_vit, digits, tmp_path / "b", number_of_epochs=1, gradient_accumulation_step=2)
+    assert _state(sorted((tmp_path / "b").glob("checkpoint-*"))[-1])["global_step"] == 3
+
+
+def test_early_stopping_stops_when_the_metric_stalls(tiny_vit, digits, tmp_path):
+    # lr 0: nothing changes, so the second evaluation does not improve and patience 1 stops it.
+    run(tiny_vit, digits, tmp_path / "es", number_of_epochs=6, learning_rate=0.0,
+        early_stopping=True, early_stopping_patience=1, metric_for_best_model="loss")
+    history = [json.loads(l) for l in (tmp_path / "es" / "metrics.jsonl").read_text().splitlines()]
+    assert max(h["epoch"] for h in history) == pytest.approx(2.0)
+
+
+def test_steps_strategies_warmup_and_save_limit(tiny_vit, digits, tmp_path):
+    out = tmp_path / "steps"
+    run(tiny_vit, digits, out, number_of_epochs=2, evaluation_strategy="steps", evaluation_steps=4,
+        logging_strategy="steps", logging_steps=1, save_strategy="steps", save_steps=4,
+        save_total_limit=1, warmup_steps=6, learning_rate_scheduler="warmup_linear")
+    history = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [h["step"] for h in history if "eval_loss" in h]
+    assert evals[:3] == [4, 8, 12]
+    lrs = [h["learning_rate"] for h in history if "learning_rate" in h]
+    assert lrs[0] < lrs[4] < lrs[5]  # warming up over the first 6 steps
+    assert lrs[-1] < lrs[5]  # then decaying linearly
+    # At most the newest and the best checkpoint survive a limit of 1.
+    assert 1 <= len(list(out.glob("checkpoint-*"))) <= 2
+
+
+def test_auto_find_batch_size_halves_on_out_of_memory(tiny_vit, digits, tmp_path, monkeypatch):
+    import visiontune.models.loading as loading
+
+    real = loading.load_for_finetune
+    seen = []
+
+    def load(*a, **kw):
+        model = real(*a, **kw)
+        forward = model.forward
+
+        def limited(pixel_values=None, **kwargs):
+            seen.append(pixel_values.shape[0])
+            if model.training and pixel_values.shape[0] > 4:
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return forward(pixel_values=pixel_values, **kwargs)
+
+        model.forward = limited
+        return model
+
+    monkeypatch.setattr(loading, "load_for_finetune", load)
+    run(tiny_vit, digits, tmp_path / "oom", number_of_epochs=1, training_batch_size=16,
+        auto_find_batch_size=True)
+    assert seen[0] == 16 and 8 in seen and 4 in seen
+    assert _state(sorted((tmp_path / "oom").glob("checkpoint-*"))[-1])["train_batch_size"] == 4
+
+
+def test_precision_16_trains_in_bf16_on_the_cpu(tiny_vit, digits, tmp_path):
+    result = run(tiny_vit, digits, tmp_path / "bf16", number_of_epochs=1, precision=16)
+    args = json.loads((tmp_path / "bf16" / "finetune_args.json").read_text())
+    assert any("bf16" in n for n in args["notes"])
+    assert np.isfinite(result.metrics["loss"])
+
+
+def test_mlflow_model_matches_pytorch_in_a_fresh_process(tiny_vit, digits, tmp_path):
+    out, mlf = tmp_path / "pt", tmp_path / "mlflow"
+    run(tiny_vit, digits, out, number_of_epochs=1, save_as_mlflow_model=True, output_dir_mlflow=str(mlf))
+    script = textwrap.dedent(f"""
+        import base64, json, sys
+        import mlflow.pyfunc, pandas as pd
+        rows = [json.loads(l) for l in open({str(digits[1])!r})]
+        images = [base64.b64encode(open(r["image_url"], "rb").read()).decode() for r in rows]
+        model = mlflow.pyfunc.load_model({str(mlf)!r})
+        out = model.predict(pd.DataFrame({{"image": images}}))
+        import visiontune
+        print(json.dumps({{"probs": out["probs"].tolist(), "labels": out["labels"].tolist(),
+                          "visiontune": visiontune.__file__}}))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    served = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert served["labels"][0] == ["0", "1", "7"]
+
+    from visiontune.data.images import load_image
+    from visiontune.inference import Classifier
+
+    rows = [json.loads(l) for l in digits[1].read_text().splitlines()]
+    expected = Classifier(out, device="cpu").probabilities([load_image(r["image_url"]) for r in rows])
+    np.testing.assert_allclose(np.array(served["probs"]), expected, atol=1e-5)
+
+
+def test_bad_inputs_stop_before_loading_anything(tmp_path, tiny_vit, capsys):
+    base = ["finetune", "--model_path", str(tiny_vit), "--training_data", str(tmp_path / "nope.jsonl"),
+            "--task_name", MULTICLASS, "--output_dir_pytorch", str(tmp_path / "o")]
+    assert main(base + ["--metric_for_best_model", "iou"]) == 2
+    assert "--metric_for_best_model: iou is for multi-label" in capsys.readouterr().err
+    assert main(base[:2] + [str(tmp_path)] + base[3:]) == 2
+    assert "is not a model folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
