@@ -62,6 +62,12 @@ def _finetune(values: dict[str, Any]) -> int:
     return 0
 
 
+def _pipeline(values: dict[str, Any]) -> int:
+    from visiontune.pipeline import run_pipeline
+
+    return run_pipeline(values)
+
+
 def _evaluate(values: dict[str, Any]) -> int:
     from visiontune.evaluation import run_evaluate
 
@@ -86,6 +92,9 @@ COMMANDS: dict[str, tuple[str, Iterable[I.Input], Callable[[dict[str, Any]], int
                      I.IMPORT_INPUTS, _import_model, True),
     "finetune": ("Fine-tune an imported model on image data (every input of Azure's finetune component).",
                  I.FINETUNE_INPUTS, _finetune, True),
+    "pipeline": ("Import, validate data, fine-tune and evaluate in one run (Azure's pipeline "
+                 "component, with a real validation and evaluation step).",
+                 I.PIPELINE_INPUTS, _pipeline, True),
     "evaluate": ("Evaluate a fine-tuned model on labelled data: metrics, per-class table, plots.",
                  I.EVALUATE_INPUTS, _evaluate, True),
     "predict": ("Predict labels for images with a fine-tuned model.", I.PREDICT_INPUTS, _predict, True),
@@ -117,13 +126,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Weight loading/saving bars from transformers are noise; the training bars stay."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
+    # One log in distributed runs: the other ranks only say when something is wrong.
+    rank0 = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(
-        level=os.environ.get("VISIONTUNE_LOG_LEVEL", "INFO"),
+        level=os.environ.get("VISIONTUNE_LOG_LEVEL", "INFO") if rank0 else "WARNING",
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     given = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("command", "subcommand", "config")}
     try:
         config = I.read_config_file(getattr(args, "config", None))

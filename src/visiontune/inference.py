@@ -50,32 +50,29 @@ def check_threshold(value: Any, num_classes: int) -> np.ndarray:
     return threshold
 
 
-class Classifier:
-    def __init__(self, model_dir: str | Path, device: str | None = None):
-        import torch
-        from transformers import AutoModelForImageClassification
+class ClassifierBase:
+    """What every backend shares: classes, task, the saved evaluation preprocessing, the
+    threshold(s), batching and the scoring schema. Backends implement ``logits``."""
 
-        from visiontune.data.transforms import Preprocessing, eval_transform, resolve_preprocessing
+    def __init__(self, model_dir: Path, classes: list[str], task: str, preprocessing,
+                 threshold: Any):
+        from visiontune.data.transforms import eval_transform
 
-        self.model_dir = resolve_model_dir(model_dir)
-        meta_path = self.model_dir / METADATA_FILE
-        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = AutoModelForImageClassification.from_pretrained(str(self.model_dir)).to(self.device).eval()
-        config = self.model.config
-        self.classes = [config.id2label[i] for i in range(config.num_labels)]
-        task = meta.get("model_metadata", {}).get("finetuning_task")
-        if task not in (MULTICLASS, MULTILABEL):
-            task = MULTILABEL if config.problem_type == "multi_label_classification" else MULTICLASS
+        self.model_dir = model_dir
+        self.classes = classes
         self.task = task
-        if meta.get("preprocessing"):
-            self.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
-        else:
-            from transformers import AutoImageProcessor
+        self.preprocessing = preprocessing
+        self.threshold = check_threshold(threshold, len(classes))
+        self.transform = eval_transform(preprocessing)
 
-            self.preprocessing = resolve_preprocessing(AutoImageProcessor.from_pretrained(str(self.model_dir)))
-        self.threshold = check_threshold(meta.get("multilabel_threshold"), len(self.classes))
-        self.transform = eval_transform(self.preprocessing)
+    def logits(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
+        raise NotImplementedError
+
+    def _batched(self, images: Sequence[Any], batch_size: int, run) -> np.ndarray:
+        out = [run(self.tensors(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
+        if not out:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        return np.concatenate(out).astype(np.float32, copy=False)
 
     def tensors(self, images: Sequence[Any]):
         """PIL images -> one normalised batch tensor."""
@@ -84,18 +81,6 @@ class Classifier:
         from visiontune.data.images import to_uint8_tensor
 
         return torch.stack([self.transform(to_uint8_tensor(img)) for img in images])
-
-    def logits(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
-        import torch
-
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(images), batch_size):
-                batch = self.tensors(images[start:start + batch_size]).to(self.device)
-                out.append(self.model(pixel_values=batch).logits.float().cpu().numpy())
-        if not out:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        return np.concatenate(out)
 
     def probabilities(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
         from visiontune.metrics import probabilities
@@ -114,11 +99,47 @@ class Classifier:
             rows.append(row)
         return rows
 
-
     def labels_above_threshold(self, probs: np.ndarray) -> list[str]:
         """Multi-label prediction for one image: the classes at or above their threshold."""
         thresholds = np.broadcast_to(self.threshold, probs.shape)
         return [c for c, x, t in zip(self.classes, probs, thresholds) if x >= t]
+
+
+class Classifier(ClassifierBase):
+    """A fine-tuned PyTorch model folder (or an MLflow model folder written by visiontune)."""
+
+    def __init__(self, model_dir: str | Path, device: str | None = None):
+        import torch
+        from transformers import AutoModelForImageClassification
+
+        from visiontune.data.transforms import Preprocessing, resolve_preprocessing
+
+        folder = resolve_model_dir(model_dir)
+        meta_path = folder / METADATA_FILE
+        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = AutoModelForImageClassification.from_pretrained(str(folder)).to(self.device).eval()
+        config = self.model.config
+        task = meta.get("model_metadata", {}).get("finetuning_task")
+        if task not in (MULTICLASS, MULTILABEL):
+            task = MULTILABEL if config.problem_type == "multi_label_classification" else MULTICLASS
+        if meta.get("preprocessing"):
+            preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        else:
+            from transformers import AutoImageProcessor
+
+            preprocessing = resolve_preprocessing(AutoImageProcessor.from_pretrained(str(folder)))
+        super().__init__(folder, [config.id2label[i] for i in range(config.num_labels)], task,
+                         preprocessing, meta.get("multilabel_threshold"))
+
+    def logits(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
+        import torch
+
+        def run(batch):
+            return self.model(pixel_values=batch.to(self.device)).logits.float().cpu().numpy()
+
+        with torch.inference_mode():
+            return self._batched(images, batch_size, run)
 
 
 def decode_payload_image(value: Any, allow_paths: bool = True):

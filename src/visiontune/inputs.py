@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -310,7 +310,7 @@ EXPORT_ONNX_INPUTS: tuple[Input, ...] = (
     MODEL_INPUT,
     Input("output_dir", "folder", "Where to write model.onnx and its metadata.", required=True,
           azure=False),
-    Input("opset", "int", "ONNX opset version.", default=18, minimum=13, azure=False),
+    Input("opset", "int", "ONNX opset version (18 or newer: the exporter writes no older one).", default=18, minimum=18, azure=False),
 )
 
 OUTPUT_NAMES = frozenset({"output_dir", "output_dir_pytorch", "output_dir_mlflow",
@@ -393,3 +393,35 @@ def resolve(
 
 def as_json(values: dict[str, Any]) -> str:
     return json.dumps(values, indent=2, sort_keys=True, default=str)
+
+
+def default_text(spec: Input) -> str:
+    """How a default reads in --help, the README and the component specs."""
+    if spec.required:
+        return "required"
+    if spec.auto:
+        return "auto"
+    if spec.default is None:
+        return "-"
+    if spec.kind == "bool":
+        return str(spec.default).lower()
+    return str(spec.default)
+
+
+def markdown_table(inputs: Iterable[Input]) -> str:
+    """The README's table of inputs (a test keeps the README equal to it)."""
+    lines = ["| input | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+    for spec in inputs:
+        allowed = ", ".join(f"`{c}`" for c in spec.choices) if spec.choices else (
+            spec.describe_allowed() if spec.kind in ("int", "float") and (spec.minimum is not None or spec.below is not None) else "")
+        name = f"`--{spec.name}`" + ("" if spec.azure else " *")
+        lines.append(f"| {name} | {AZURE_TYPES[spec.kind]} | {default_text(spec)} | {allowed} | {spec.help} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m visiontune.inputs: print the README tables
+    for title, table in (("import-model", IMPORT_INPUTS), ("finetune", FINETUNE_INPUTS),
+                         ("pipeline (in addition to the finetune inputs)", PIPELINE_INPUTS[-2:]),
+                         ("evaluate", EVALUATE_INPUTS), ("predict", PREDICT_INPUTS),
+                         ("export-onnx", EXPORT_ONNX_INPUTS), ("data check", DATA_CHECK_INPUTS)):
+        print(f"#### {title}\n\n{markdown_table(table)}\n")

@@ -187,3 +187,42 @@ def prepare_data(
     )
     return PreparedData(train=train, validation=validation, classes=classes, skipped=skipped,
                         validation_is_split=split, image_sizes=sizes)
+
+
+def prepare_test_data(
+    source: str | Path,
+    *,
+    task: str,
+    classes: list[str],
+    image_column: str = "image_url",
+    label_column: str = "label",
+    skip_bad_rows: bool = False,
+    name: str = "test data",
+) -> tuple[list[Record], int]:
+    """Labelled data for evaluation against a model's ``classes``: (usable Records, bad rows
+    skipped). Bad rows follow training's rules; a label the model does not know is an error
+    of the data as a whole (the model cannot be scored on it), not a row to skip."""
+    from visiontune.data.labels import sort_classes
+
+    check_task(task)
+    records, problems = _read(source, name, task, image_column, label_column)
+    labels = {lab for r in records for lab in (r.label if isinstance(r.label, tuple) else (r.label,))}
+    unknown = sort_classes(labels - set(classes))
+    if unknown:
+        shown = ", ".join(unknown[:20]) + (" ..." if len(unknown) > 20 else "")
+        known = ", ".join(classes[:30]) + (" ..." if len(classes) > 30 else "")
+        raise DataError(f"{name} {source}: {len(unknown)} label(s) the model does not know: "
+                        f"{shown} (the model's classes: {known})")
+    rows = len(records) + len(problems)
+    good, bad_images = apply_verification(records, check_images(records))
+    bad = in_file_order(problems + bad_images)
+    if bad:
+        summary = summarize_problems(bad, rows, f"{name} {source}")
+        if not skip_bad_rows:
+            raise DataError(summary + ". Fix these rows, or pass --skip_bad_rows true to go on "
+                            "without them; `visiontune data check` lists them all.")
+        log.warning("skipped: %s", summary)
+    if not good:
+        raise DataError(f"{name} {source} has no usable rows"
+                        + (f" (all {len(bad)} row(s) are bad)" if bad else ""))
+    return good, len(bad)

@@ -67,7 +67,7 @@ def load_records(
 ) -> tuple[list[Record], list[Problem]]:
     """Every row of ``source`` as a Record, or as a Problem when it cannot be used."""
     check_task(task)
-    path = _source_path(source)
+    path = source_path(source)
     if path.is_dir():
         if (path / MLTABLE_FILE).is_file():
             return _read_table(read_mltable(path), task, image_column, label_column)
@@ -91,7 +91,7 @@ def load_records(
     return _read_table(spec, task, image_column, label_column)
 
 
-def _source_path(source: str | Path) -> Path:
+def source_path(source: str | Path) -> Path:
     text = str(source).strip()
     if not text:
         raise DataError("no data given")
@@ -148,9 +148,9 @@ def _read_table(
     for file in spec.files:
         display = str(file)
         if spec.format == "json_lines":
-            rows = _json_rows(file, spec, display, dropped)
+            rows = json_rows(file, spec, display, dropped)
         else:
-            rows = _csv_rows(file, spec, display, (image_column, label_column), headers)
+            rows = csv_rows(file, spec, display, (image_column, label_column), headers)
         for where, row in rows:
             index += 1
             if index < spec.skip:
@@ -209,7 +209,7 @@ def _decode_lines(file: Path, encoding: str, display: str) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
-def _json_rows(
+def json_rows(
     file: Path, spec: TableSpec, display: str, dropped: list[str],
 ) -> Iterator[tuple[str, dict[str, Any] | str]]:
     lines = _decode_lines(file, spec.encoding, display)
@@ -240,7 +240,7 @@ def _json_rows(
         yield where, value
 
 
-def _csv_rows(
+def csv_rows(
     file: Path, spec: TableSpec, display: str, required: tuple[str, ...],
     headers: list[list[str]],
 ) -> Iterator[tuple[str, dict[str, Any] | str]]:

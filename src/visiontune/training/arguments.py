@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,7 +236,8 @@ def plan_training(values: dict[str, Any], *, use_cpu: bool, bf16_ok: bool) -> Pl
         dataloader_persistent_workers=values["number_of_workers"] > 0,
         dataloader_pin_memory=not use_cpu,
         remove_unused_columns=False,
-        report_to=[],
+        # MLflow tracking when the user points at a tracking server (Trainer's MLflowCallback).
+        report_to=["mlflow"] if os.environ.get("MLFLOW_TRACKING_URI") else [],
         use_cpu=use_cpu,
         # BCE has no token count: averaging "tokens" across ranks would scale the loss by the
         # world size (environment.md). Cross-entropy over images has the same semantics.

@@ -32,6 +32,7 @@ log = logging.getLogger("visiontune.finetune")
 ARGS_FILE = "finetune_args.json"
 AUGMENTATIONS_FILE = "augmentations.json"
 EVAL_RESULTS_FILE = "eval_results.json"
+VALIDATION_SPLIT_FILE = "validation_split.jsonl"
 
 
 @dataclass
@@ -129,8 +130,17 @@ def _prepare_output_dir(out: Path, resume: bool) -> Path | None:
     return None
 
 
-def finetune(values: dict[str, Any], *, callbacks: Iterable[Any] = ()) -> FinetuneResult:
-    """Run the finetune component on resolved CLI/config values (see inputs.FINETUNE_INPUTS)."""
+def check_finetune_inputs(values: dict[str, Any], model_name: str | None) -> None:
+    """Every cross-input rule, before a model exists (the pipeline checks before importing)."""
+    use_cpu, bf16_ok = _device_flags()
+    resolved, _ = apply_defaults(dict(values), values["task_name"], model_name)
+    plan_training(resolved, use_cpu=use_cpu, bf16_ok=bf16_ok)
+
+
+def finetune(values: dict[str, Any], *, callbacks: Iterable[Any] = (), data=None) -> FinetuneResult:
+    """Run the finetune component on resolved CLI/config values (see inputs.FINETUNE_INPUTS).
+
+    ``data``: the PreparedData of these inputs when the caller has read it already."""
     values = dict(values)
     task = values["task_name"]
     model_dir = check_model_folder(values["model_path"])
@@ -155,12 +165,13 @@ def finetune(values: dict[str, Any], *, callbacks: Iterable[Any] = ()) -> Finetu
         describe_augmentations, eval_transform, resolve_preprocessing, train_transform,
     )
 
-    data = prepare_data(
-        values["training_data"], values["validation_data"], task=task,
-        image_column=values["image_column"], label_column=values["label_column"],
-        validation_fraction=values["validation_fraction"], seed=values["random_seed"],
-        skip_bad_rows=values["skip_bad_rows"],
-    )
+    if data is None:
+        data = prepare_data(
+            values["training_data"], values["validation_data"], task=task,
+            image_column=values["image_column"], label_column=values["label_column"],
+            validation_fraction=values["validation_fraction"], seed=values["random_seed"],
+            skip_bad_rows=values["skip_bad_rows"],
+        )
 
     from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 
@@ -190,6 +201,10 @@ def finetune(values: dict[str, Any], *, callbacks: Iterable[Any] = ()) -> Finetu
         compute_metrics=_scalar_metrics(task, threshold),
         callbacks=[*trainer_callbacks, *callbacks],
     )
+    if show_lines:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # MetricsLogCallback prints readable lines instead
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     # The best model is loaded at the end; evaluate it once more on the whole validation set.
@@ -251,6 +266,12 @@ def _write_outputs(out, trainer, processor, pre, data, values, sources, notes, m
         {"values": values, "sources": sources, "notes": notes}, indent=2, default=str), encoding="utf-8")
     (out / AUGMENTATIONS_FILE).write_text(json.dumps(augmentations, indent=2, default=str),
                                           encoding="utf-8")
+    if data.validation_is_split:
+        # The held-out rows, so that evaluation can be repeated on exactly them.
+        with (out / VALIDATION_SPLIT_FILE).open("w", encoding="utf-8") as fh:
+            for r in data.validation:
+                label = list(r.label) if isinstance(r.label, tuple) else r.label
+                fh.write(json.dumps({values["image_column"]: r.image, values["label_column"]: label}) + "\n")
     (out / EVAL_RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=float), encoding="utf-8")
 
 

@@ -1,0 +1,268 @@
+"""ONNX export of a fine-tuned model, and a classifier that scores with ONNX Runtime.
+
+``export_onnx`` writes ``model.onnx`` (input ``pixel_values``: float32 N x 3 x H x W with a
+dynamic batch; output ``logits``) and ``visiontune_onnx.json`` (classes in index order, task,
+preprocessing, multi-label threshold(s), opset). The JSON is written last, so a folder that has
+it holds a complete export.
+
+Exporter: torch's ``torch.export``-based exporter (``dynamo=True``). Both exporters give ORT
+logits within ~1e-7 of PyTorch for ViT, ConvNeXt and the timm wrapper (EfficientNet), but the
+legacy TorchScript exporter traces Python values (ViT and ConvNeXt raise TracerWarnings about
+tensors turned into Python booleans, which get frozen into the graph), is deprecated and is
+being removed from torch. ``torch.export`` captures the graph symbolically and refuses an
+export in which the batch dimension would not stay dynamic. Its operators are written for
+opset 18 and newer; it cannot convert these graphs down to older opsets, so those are refused.
+Every export is checked: ORT must load it and match PyTorch on a batch of another size.
+
+``OnnxClassifier`` is an ``inference.ClassifierBase`` whose logits come from ONNX Runtime: it
+preprocesses with the same code (the saved eval transform, ``ClassifierBase.tensors``), so both
+score the same pixels.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from visiontune import __version__
+from visiontune.errors import UserError
+from visiontune.inference import MULTILABEL, Classifier, ClassifierBase, resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+METADATA_FILE = "visiontune_onnx.json"
+INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
+MIN_OPSET = 18  # the torch.export-based exporter's own operators
+EXAMPLE_BATCH = 2  # not 1: a batch of one invites the batch dimension to be specialised
+CHECK_BATCH = 3  # the post-export check uses another size, so a fixed batch would show
+INSTALL_HINT = 'pip install "visiontune[onnx]"'
+
+
+def _require(modules: Sequence[str], what: str) -> None:
+    missing = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise UserError(f"{what} needs {', '.join(missing)} (not installed): {INSTALL_HINT}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------------
+def find_model_folder(model: str | Path) -> Path:
+    """The Hugging Face folder of a fine-tuned model: the PyTorch output folder itself, or
+    ``artifacts/model`` inside an MLflow model folder."""
+    path = Path(str(model)).expanduser()
+    if not path.exists():
+        raise UserError(f"--model: folder not found: {model}")
+    if not path.is_dir():
+        raise UserError(f"--model: {model} is a file; expected a model folder")
+    try:
+        folder = resolve_model_dir(path)
+    except FileNotFoundError as exc:
+        raise UserError(f"--model: {exc}") from None
+    if not (folder / "config.json").is_file():
+        raise UserError(f"--model: no model in {model} (no config.json nor MLmodel); expected the "
+                        "finetune output_dir_pytorch or output_dir_mlflow folder")
+    return folder
+
+
+@contextmanager
+def _quiet_exporter():
+    """Keep the exporter's pass-by-pass INFO lines out of the command's output, and the
+    tracebacks its version converter logs when it cannot reach an opset: the opset of the
+    result is checked here instead, with a one-line error."""
+    levels = {"onnxscript": logging.ERROR, "onnx_ir": logging.WARNING}
+    saved = {name: logging.getLogger(name).level for name in levels}
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _logits_module(model):
+    import torch
+
+    class LogitsOnly(torch.nn.Module):
+        """``pixel_values -> logits``: one named tensor out instead of a ModelOutput."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values):
+            return self.inner(pixel_values=pixel_values).logits
+
+    return LogitsOnly(model).eval()
+
+
+def _opset_of(path: Path) -> int | None:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _check_with_ort(path: Path, module, height: int, width: int) -> float:
+    """Largest |ORT - PyTorch| logit difference on a batch of CHECK_BATCH random images,
+    relative to the largest logit (at least 1)."""
+    import onnxruntime as ort
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randn(CHECK_BATCH, 3, height, width, generator=generator)
+    with torch.inference_mode():
+        expected = module(batch).float().numpy()
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
+    except Exception as exc:  # ORT reports graph problems with its own exception types
+        raise UserError(f"ONNX Runtime cannot run the exported model: {str(exc).splitlines()[0]}") from None
+    if got.shape != expected.shape:
+        raise UserError(f"the exported model returns logits of shape {got.shape} for a batch of "
+                        f"{CHECK_BATCH}, not {expected.shape}")
+    if not got.size:
+        return 0.0
+    return float(np.max(np.abs(got - expected)) / max(1.0, float(np.max(np.abs(expected)))))
+
+
+def export_onnx(model_dir: str | Path, output_dir: str | Path, opset: int = 18) -> Path:
+    """Export the fine-tuned model in ``model_dir`` (PyTorch or MLflow folder) into
+    ``output_dir``; return the path of ``model.onnx``."""
+    _require(("onnx", "onnxscript", "onnxruntime"), "export-onnx")
+    import torch
+
+    opset = int(opset)
+    if opset < MIN_OPSET:
+        raise UserError(f"--opset: {opset} is not supported; torch's ONNX exporter writes opset "
+                        f"{MIN_OPSET} or newer (ONNX Runtime 1.14 and later run it)")
+    source = find_model_folder(model_dir)
+    output_dir = Path(output_dir).expanduser()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output_dir: {output_dir} is a file")
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    classifier = Classifier(source, device="cpu")
+    pre = classifier.preprocessing
+    module = _logits_module(classifier.model.float())
+    example = torch.randn(EXAMPLE_BATCH, 3, pre.height, pre.width,
+                          generator=torch.Generator().manual_seed(0))
+
+    (output_dir / METADATA_FILE).unlink(missing_ok=True)  # the folder is incomplete until the end
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".onnx-export-") as tmp:
+        staged = Path(tmp) / ONNX_FILE
+        try:
+            with _quiet_exporter():
+                torch.onnx.export(
+                    module, (example,), str(staged), dynamo=True, opset_version=opset,
+                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                    dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
+                    # One file; torch still moves the weights to model.onnx.data above 1.5 GB.
+                    external_data=False, verbose=False,
+                )
+        except Exception as exc:  # torch.export and the translator raise many types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise UserError(f"cannot export {source} to ONNX: {type(exc).__name__}: {first}") from None
+        written = _opset_of(staged)
+        if written != opset:
+            raise UserError(f"--opset: the exporter could not convert this model to opset {opset} "
+                            f"(it wrote {written}); try --opset {MIN_OPSET}")
+        diff = _check_with_ort(staged, module, pre.height, pre.width)
+        if diff > 1e-3:
+            raise UserError(f"the exported model differs from PyTorch (largest relative logit "
+                            f"difference {diff:.3g}); the model uses operations the exporter gets wrong")
+        log.info("ONNX Runtime matches PyTorch (largest relative logit difference %.2g)", diff)
+        data = staged.with_name(ONNX_FILE + ".data")
+        os.replace(staged, output_dir / ONNX_FILE)
+        if data.exists():
+            os.replace(data, output_dir / data.name)
+        else:
+            (output_dir / data.name).unlink(missing_ok=True)  # left by an earlier, larger export
+
+    metadata = export_metadata(classifier, opset, source)
+    (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    return output_dir / ONNX_FILE
+
+
+def export_metadata(classifier: Classifier, opset: int, source: Path) -> dict[str, Any]:
+    """What a consumer needs besides the graph: labels, task, preprocessing, thresholds."""
+    import torch
+
+    from visiontune.data.transforms import describe_augmentations
+
+    pre = classifier.preprocessing
+    multilabel = classifier.task == MULTILABEL
+    threshold = classifier.threshold.tolist() if multilabel else None
+    return {
+        "format_version": 1,
+        "model_file": ONNX_FILE,
+        "input": {"name": INPUT_NAME, "dtype": "float32",
+                  "shape": ["batch", 3, pre.height, pre.width]},
+        "output": {"name": OUTPUT_NAME, "dtype": "float32",
+                   "shape": ["batch", len(classifier.classes)]},
+        "classes": list(classifier.classes),  # logit i is classes[i]
+        "task": classifier.task,
+        "probabilities": "sigmoid" if multilabel else "softmax",
+        "multilabel_threshold": threshold,
+        "preprocessing": pre.to_dict(),
+        # The same steps as visiontune's eval transform, for consumers in other languages.
+        "preprocessing_steps": describe_augmentations(pre, augment=False)["eval"],
+        "opset": opset,
+        "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+        "visiontune_version": __version__,
+        "source_model": str(source.resolve()),
+    }
+
+
+def run_export(values: dict[str, Any]) -> int:
+    """``visiontune export-onnx``."""
+    path = export_onnx(values["model"], values["output_dir"], values["opset"])
+    print(f"ONNX model written to {path} (metadata: {path.with_name(METADATA_FILE)})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring with ONNX Runtime
+# ---------------------------------------------------------------------------------------------
+class OnnxClassifier(ClassifierBase):
+    """An exported folder, run by ONNX Runtime on the CPU.
+
+    Only loading and ``logits`` differ: preprocessing (``tensors`` with the saved eval
+    transform), probabilities and the scoring schema are the PyTorch classifier's own code, so
+    the two cannot drift apart. There is no torch model: ``model`` and ``device`` are absent."""
+
+    def __init__(self, onnx_dir: str | Path):
+        _require(("onnxruntime",), "OnnxClassifier")
+        import onnxruntime as ort
+
+        from visiontune.data.transforms import Preprocessing
+
+        path = Path(onnx_dir)
+        folder = path.parent if path.suffix == ".onnx" else path
+        meta_path = folder / METADATA_FILE
+        if not meta_path.is_file():
+            raise UserError(f"{folder} is not an ONNX export of visiontune (no {METADATA_FILE})")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        super().__init__(folder, list(meta["classes"]), meta["task"],
+                         Preprocessing.from_dict(meta["preprocessing"]), meta.get("multilabel_threshold"))
+        self.session = ort.InferenceSession(str(folder / meta.get("model_file", ONNX_FILE)),
+                                            providers=["CPUExecutionProvider"])
+
+    def logits(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
+        return self._batched(images, batch_size,
+                             lambda batch: self.session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0])

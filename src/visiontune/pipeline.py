@@ -1,0 +1,71 @@
+"""The pipeline component: model import -> data validation -> finetune -> evaluation.
+
+Azure's pipeline has a stub validation step and never uses its test data; here the data is
+read and every image decoded before any model is imported or downloaded, so a bad dataset
+fails in seconds, and the test data gets a real evaluation report.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from visiontune import inputs as I
+from visiontune.errors import UserError
+
+log = logging.getLogger("visiontune.pipeline")
+
+
+def run_pipeline(values: dict[str, Any]) -> int:
+    from visiontune.data.prepare import prepare_data, prepare_test_data
+    from visiontune.evaluation import run_evaluate
+    from visiontune.models.importer import import_model
+    from visiontune.training.finetune import VALIDATION_SPLIT_FILE, check_finetune_inputs, finetune
+
+    sources = [values[k] for k in ("model_name", "pytorch_model", "mlflow_model")]
+    if not any(sources):
+        raise UserError("one of --model_name, --pytorch_model or --mlflow_model is required")
+    out = Path(values["output_dir_pytorch"])
+    evaluation_dir = Path(values["output_dir_evaluation"] or out / "evaluation")
+
+    # 1. Inputs: every cross-input rule that does not need the model itself.
+    check_finetune_inputs({**values, "model_path": None}, model_name=values["model_name"])
+
+    # 2. Data, before any model is imported.
+    print("[1/4] validating data", flush=True)
+    data = prepare_data(
+        values["training_data"], values["validation_data"], task=values["task_name"],
+        image_column=values["image_column"], label_column=values["label_column"],
+        validation_fraction=values["validation_fraction"], seed=values["random_seed"],
+        skip_bad_rows=values["skip_bad_rows"],
+    )
+    if values["test_data"]:
+        # Unknown labels and unreadable images in the test data fail now, not after training.
+        prepare_test_data(values["test_data"], task=values["task_name"], classes=data.classes,
+                          image_column=values["image_column"], label_column=values["label_column"],
+                          skip_bad_rows=values["skip_bad_rows"])
+
+    with tempfile.TemporaryDirectory(prefix="visiontune-import-") as tmp:
+        print("[2/4] importing the model", flush=True)
+        model_dir = import_model(model_name=values["model_name"], pytorch_model=values["pytorch_model"],
+                                 mlflow_model=values["mlflow_model"], output_dir=Path(tmp) / "model")
+        print("[3/4] fine-tuning", flush=True)
+        finetune_values = {k: values[k] for k in I.by_name(I.FINETUNE_INPUTS) if k != "model_path"}
+        result = finetune({**finetune_values, "model_path": str(model_dir)}, data=data)
+
+    # Test data, else the validation data, else the held-out split the run wrote out.
+    test_data = values["test_data"] or values["validation_data"] or str(out / VALIDATION_SPLIT_FILE)
+    print(f"[4/4] evaluating on {test_data}", flush=True)
+    run_evaluate(I.resolve(I.EVALUATE_INPUTS, {
+        "model": str(result.output_dir_pytorch), "test_data": test_data,
+        "output_dir": str(evaluation_dir), "image_column": values["image_column"],
+        "label_column": values["label_column"], "skip_bad_rows": values["skip_bad_rows"],
+        "batch_size": values["validation_batch_size"] or 32,
+    }))
+    print(f"pytorch model: {result.output_dir_pytorch}")
+    if result.output_dir_mlflow:
+        print(f"mlflow model: {result.output_dir_mlflow}")
+    print(f"evaluation report: {evaluation_dir}")
+    return 0

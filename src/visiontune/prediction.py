@@ -1,0 +1,347 @@
+"""``visiontune predict``: labels and probabilities for unlabelled images.
+
+``--data`` may be an image folder (every image below it, sorted), a ``.txt`` file listing
+image paths (relative to the file), a JSON Lines or CSV annotation file, or an MLTable folder.
+Labels are not needed: only the image column is read. An image that cannot be read or decoded
+becomes an output row with an ``error`` field instead of stopping the run.
+
+Also home of what evaluation shares with prediction: opening a model folder and scoring images
+in batches with a progress report.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from visiontune.errors import DataError, UserError
+from visiontune.inference import MULTILABEL, Classifier, resolve_model_dir
+
+log = logging.getLogger(__name__)
+
+OUTPUT_FORMATS = {".jsonl": "jsonl", ".csv": "csv"}
+ERRORS_SHOWN = 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared with evaluation
+# ---------------------------------------------------------------------------------------------
+def open_model(path: str | Path) -> Classifier:
+    """The Classifier of a fine-tuned PyTorch output folder or MLflow model folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"--model: folder not found: {path}")
+    try:
+        model_dir = resolve_model_dir(folder)
+    except FileNotFoundError as exc:
+        raise UserError(f"--model: {exc}") from None
+    if not (model_dir / "config.json").is_file():
+        raise UserError(
+            f"--model: {path} holds no model (config.json); give the PyTorch output folder of "
+            "finetune or an MLflow model folder"
+        )
+    try:
+        return Classifier(model_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"--model: cannot load the model in {model_dir}: {exc}") from None
+
+
+class Progress:
+    """A tqdm bar on a terminal; in logs (Azure, CI) a plain line about every tenth."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.done = total, desc, 0
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
+        self.step = max(1, -(-total // 10))
+        self.next_line = self.step
+
+    def update(self, count: int) -> None:
+        self.done += count
+        if self.bar is not None:
+            self.bar.update(count)
+        elif self.done >= self.next_line or self.done == self.total:
+            print(f"{self.desc}: {self.done}/{self.total} images", file=sys.stderr, flush=True)
+            while self.next_line <= self.done:
+                self.next_line += self.step
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _load(uri: str):
+    from visiontune.data.images import load_image
+
+    try:
+        return load_image(uri), None
+    except (DataError, OSError, ValueError) as exc:
+        return None, str(exc)
+
+
+def score_images(
+    classifier: Classifier, uris: Sequence[str], batch_size: int = 32, desc: str = "predict",
+) -> tuple[np.ndarray, dict[int, str]]:
+    """Logits for each image (a NaN row where it could not be read) and the read errors by
+    position. The next batch is read by threads while the model runs on the current one."""
+    logits = np.full((len(uris), len(classifier.classes)), np.nan, dtype=np.float64)
+    errors: dict[int, str] = {}
+    starts = range(0, len(uris), batch_size)
+    progress = Progress(len(uris), desc)
+    workers = min(16, (os.cpu_count() or 1) * 2, max(1, batch_size))
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            def submit(start: int):
+                return [pool.submit(_load, u) for u in uris[start:start + batch_size]]
+
+            pending = submit(starts[0]) if starts else []
+            for i, start in enumerate(starts):
+                loaded = [f.result() for f in pending]
+                pending = submit(starts[i + 1]) if i + 1 < len(starts) else []
+                images, positions = [], []
+                for offset, (image, error) in enumerate(loaded):
+                    if error is None:
+                        images.append(image)
+                        positions.append(start + offset)
+                    else:
+                        errors[start + offset] = error
+                if images:
+                    logits[positions] = classifier.logits(images, batch_size=len(images))
+                progress.update(len(loaded))
+    finally:
+        progress.close()
+    return logits, errors
+
+
+def predicted(classifier: Classifier, probs: np.ndarray) -> str | list[str]:
+    """The predicted label (multi-class) or labels at or above the stored threshold(s)."""
+    if classifier.task == MULTILABEL:
+        return classifier.labels_above_threshold(probs)
+    return classifier.classes[int(np.argmax(probs))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the images
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Item:
+    """One image to predict: how the output names it, and what to read (None: a bad row)."""
+
+    image: str
+    uri: str | None
+    error: str | None = None
+
+
+def list_images(source: str | Path, image_column: str = "image_url") -> list[Item]:
+    """The images of every supported ``--data`` form, in a stable order."""
+    from visiontune.data.mltable import (
+        DELIMITED_SUFFIXES, JSON_LINES_SUFFIXES, MLTABLE_FILE, TableSpec, read_mltable,
+    )
+    from visiontune.data.sources import IMAGE_SUFFIXES, source_path
+
+    path = source_path(source)
+    if path.is_dir():
+        if (path / MLTABLE_FILE).is_file():
+            return _table_images(read_mltable(path), image_column)
+        return _folder_images(path, IMAGE_SUFFIXES)
+    if not path.is_file():
+        raise DataError(f"--data: not found: {source}")
+    if path.name == MLTABLE_FILE:
+        return _table_images(read_mltable(path.parent), image_column)
+    suffix = path.suffix.lower()
+    if suffix == ".txt" and not _has_header(path, image_column):
+        return _listed_images(path)
+    if suffix in JSON_LINES_SUFFIXES:
+        return _table_images(TableSpec(base_dir=path.parent, files=[path], format="json_lines"),
+                             image_column)
+    if suffix in DELIMITED_SUFFIXES:
+        return _table_images(TableSpec(base_dir=path.parent, files=[path], format="delimited",
+                                       delimiter="\t" if suffix == ".tsv" else ","), image_column)
+    if suffix in IMAGE_SUFFIXES:
+        return [Item(str(path.resolve()), str(path.resolve()))]
+    raise DataError(
+        f"--data {source}: unknown data format; give an image folder, a .txt file listing image "
+        f"paths, a JSON Lines ({', '.join(JSON_LINES_SUFFIXES)}) or CSV (.csv, .tsv) file, or an "
+        "MLTable folder"
+    )
+
+
+def _folder_images(root: Path, suffixes: frozenset[str]) -> list[Item]:
+    found = sorted(
+        p for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in suffixes
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    return [Item(str(p.resolve()), str(p.resolve())) for p in found]
+
+
+def _has_header(path: Path, image_column: str) -> bool:
+    """A .txt file is a path list unless its first line is a header naming the image column
+    (then it is delimited text, as the data layer reads it)."""
+    with path.open(encoding="utf-8-sig", errors="replace") as handle:
+        for line in handle:
+            if line.strip():
+                fields = line.replace("\t", ",").split(",")
+                return image_column in (f.strip().strip('"') for f in fields)
+    return False
+
+
+def _listed_images(path: Path) -> list[Item]:
+    from visiontune.data.sources import resolve_image
+
+    items = []
+    text = path.read_text(encoding="utf-8-sig")
+    for number, line in enumerate(text.splitlines(), start=1):
+        value = line.strip()
+        if not value or value.startswith("#"):
+            continue
+        try:
+            uri = resolve_image(value, path.parent)
+        except ValueError as exc:
+            items.append(Item(value, None, f"{path}:{number}: {exc}"))
+            continue
+        items.append(Item(uri, uri))
+    return items
+
+
+def _table_images(spec, image_column: str) -> list[Item]:
+    """The image column of every row, labels or not. The row readers are the data layer's;
+    only the column handling differs from training, which needs a label on every row."""
+    from visiontune.data.mltable import MLTABLE_FILE
+    from visiontune.data.sources import csv_rows, json_rows, resolve_image
+
+    if image_column in spec.drop_columns or (
+        spec.keep_columns is not None and image_column not in spec.keep_columns
+    ):
+        raise DataError(f"{spec.base_dir / MLTABLE_FILE}: the MLTable drops the image column "
+                        f"{image_column!r}")
+    items: list[Item] = []
+    for where, row in _rows(spec, image_column, json_rows, csv_rows):
+        if isinstance(row, str):
+            items.append(Item(where, None, f"{where}: {row}"))
+            continue
+        value = row.get(image_column)
+        if not isinstance(value, str) or not value.strip():
+            items.append(Item(where, None, f"{where}: no image in column {image_column!r}"))
+            continue
+        try:
+            uri = resolve_image(value, spec.base_dir)
+        except ValueError as exc:
+            items.append(Item(value, None, f"{where}: {exc}"))
+            continue
+        items.append(Item(uri, uri))
+    return items
+
+
+def _rows(spec, image_column: str, json_rows, csv_rows) -> Iterator[tuple[str, Any]]:
+    """(where, row or problem text) for the rows the MLTable's skip/take select."""
+    dropped: list[str] = []
+    headers: list[list[str]] = []
+    index = -1
+    for file in spec.files:
+        if spec.format == "json_lines":
+            rows = json_rows(file, spec, str(file), dropped)
+        else:
+            rows = csv_rows(file, spec, str(file), (image_column,), headers)
+        for where, row in rows:
+            index += 1
+            if index < spec.skip:
+                continue
+            if spec.take is not None and index >= spec.skip + spec.take:
+                break
+            yield where, row
+    if dropped:
+        log.warning("dropped %d malformed JSON line(s) (invalid_lines: drop)", len(dropped))
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+def output_format(path: str | Path) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise UserError(
+            f"--output {path}: unknown file type {suffix or '(none)'!r}; use a .jsonl or .csv file"
+        )
+    return OUTPUT_FORMATS[suffix]
+
+
+def run_predict(values: dict[str, Any]) -> int:
+    """Predict every image of ``--data`` into ``--output``. Exit code 0 when at least one image
+    was predicted, 1 when none could be read."""
+    output = Path(values["output"])
+    fmt = output_format(output)
+    classifier = open_model(values["model"])
+    items = list_images(values["data"], values.get("image_column") or "image_url")
+    if not items:
+        raise DataError(f"--data {values['data']}: no images found")
+
+    readable = [i for i, item in enumerate(items) if item.uri is not None]
+    logits, read_errors = score_images(classifier, [items[i].uri for i in readable],
+                                       values.get("batch_size") or 32, desc="predict")
+    from visiontune.metrics import probabilities
+
+    probs = np.full((len(items), len(classifier.classes)), np.nan)
+    probs[readable] = probabilities(logits, classifier.task)
+    errors = {i: item.error for i, item in enumerate(items) if item.error is not None}
+    errors.update({readable[j]: message for j, message in read_errors.items()})
+
+    rows = []
+    for i, item in enumerate(items):
+        rows.append((item.image, None if i in errors else probs[i], errors.get(i)))
+    write_predictions(output, fmt, classifier, rows)
+
+    done = len(items) - len(errors)
+    print(f"predicted {done} of {len(items)} image(s) into {output}")
+    if errors:
+        shown = [errors[i] for i in sorted(errors)][:ERRORS_SHOWN]
+        more = len(errors) - len(shown)
+        print(f"{len(errors)} image(s) could not be read (rows with an 'error' field): "
+              + "; ".join(shown) + (f"; ... and {more} more" if more else ""))
+    return 0 if done else 1
+
+
+def write_predictions(
+    output: Path, fmt: str, classifier: Classifier,
+    rows: Sequence[tuple[str, np.ndarray | None, str | None]],
+) -> None:
+    """Write (image, probabilities or None, error or None) rows; whole or not at all."""
+    multilabel = classifier.task == MULTILABEL
+    key = "predicted_labels" if multilabel else "predicted_label"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as handle:
+        if fmt == "jsonl":
+            for image, p, error in rows:
+                record: dict[str, Any] = {"image": image}
+                if p is None:
+                    record.update({key: None, "probs": None, "error": error})
+                else:
+                    record[key] = predicted(classifier, p)
+                    record["probs"] = {c: float(x) for c, x in zip(classifier.classes, p)}
+                handle.write(json.dumps(record) + "\n")
+        else:
+            # Multi-label predictions are joined with ";", the form the data layer reads back.
+            writer = csv.writer(handle)
+            writer.writerow(["image", "predicted", *(f"prob_{c}" for c in classifier.classes),
+                             "error"])
+            for image, p, error in rows:
+                if p is None:
+                    writer.writerow([image, "", *([""] * len(classifier.classes)), error])
+                    continue
+                label = predicted(classifier, p)
+                writer.writerow([image, ";".join(label) if multilabel else label,
+                                 *(repr(float(x)) for x in p), ""])
+    os.replace(tmp, output)
