@@ -419,9 +419,16 @@ def markdown_table(inputs: Iterable[Input]) -> str:
     return "\n".join(lines)
 
 
+def readme_tables() -> str:
+    """The README's input tables, one per command."""
+    sections = (("import-model", IMPORT_INPUTS), ("finetune", FINETUNE_INPUTS),
+                ("pipeline (the inputs of import-model but output_dir, of finetune but model_path, and)",
+                 PIPELINE_INPUTS[-2:]),
+                ("evaluate", EVALUATE_INPUTS), ("predict", PREDICT_INPUTS),
+                ("export-onnx", EXPORT_ONNX_INPUTS), ("data check", DATA_CHECK_INPUTS),
+                ("demo-data", DEMO_INPUTS))
+    return "\n\n".join(f"#### {title}\n\n{markdown_table(table)}" for title, table in sections)
+
+
 if __name__ == "__main__":  # python -m visiontune.inputs: print the README tables
-    for title, table in (("import-model", IMPORT_INPUTS), ("finetune", FINETUNE_INPUTS),
-                         ("pipeline (in addition to the finetune inputs)", PIPELINE_INPUTS[-2:]),
-                         ("evaluate", EVALUATE_INPUTS), ("predict", PREDICT_INPUTS),
-                         ("export-onnx", EXPORT_ONNX_INPUTS), ("data check", DATA_CHECK_INPUTS)):
-        print(f"#### {title}\n\n{markdown_table(table)}\n")
+    print(readme_tables())
