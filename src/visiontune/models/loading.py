@@ -178,6 +178,23 @@ def load_for_finetune(model_dir: str | Path, classes: list[str], task: str):
         # list when loaded with new labels; saved as is, the fine-tuned model would reload with
         # LABEL_0.. names (or the old classes). Make it follow id2label.
         model.config.label_names = list(classes)
+    return accept_any_image_size(model)
+
+
+def accept_any_image_size(model):
+    """Let position-embedding models (ViT, DeiT, BEiT, ...) take ``image_height`` x
+    ``image_width`` inputs other than their pre-training size.
+
+    Their forward interpolates the position embeddings only when asked
+    (``interpolate_pos_encoding``), and refuses other sizes otherwise; it is a no-op at the
+    pre-training size. Set on the instance, so training, evaluation and ONNX export all use it.
+    """
+    import functools
+    import inspect
+
+    forward = model.forward
+    if "interpolate_pos_encoding" in inspect.signature(forward).parameters:
+        model.forward = functools.partial(forward, interpolate_pos_encoding=True)
     return model
 
 
