@@ -1,6 +1,7 @@
 """Defaults chain and the mapping of inputs onto TrainingArguments (no data, no model)."""
 
 import json
+import re
 
 import pytest
 from transformers import TrainingArguments
@@ -145,3 +146,126 @@ def test_deepspeed_config_must_be_json(tmp_path):
     bad.write_text("[1]")
     with pytest.raises(UserError, match="must hold a JSON object"):
         read_deepspeed_config(str(bad))
+
+
+# DeepSpeed: the configuration's checks and the rule "the component's inputs win" (no deepspeed
+# package needed; tests/test_deepspeed.py runs it).
+from visiontune.training import deepspeed as ds  # noqa: E402
+
+
+def ds_args(tmp_path, **over):
+    return planned(tmp_path, **over)[2].training_args
+
+
+def test_builtin_deepspeed_config_is_zero2_with_everything_from_the_inputs(tmp_path):
+    config, notes = ds.merge(None, ds_args(tmp_path), world_size=2)
+    assert config == ds.DEFAULT_CONFIG and config is not ds.DEFAULT_CONFIG and notes == []
+    assert config["zero_optimization"] == {"stage": 2}
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                "gradient_clipping"):
+        assert config[key] == "auto"
+    assert config["fp16"] == {"enabled": "auto"} and config["bf16"] == {"enabled": "auto"}
+    assert "optimizer" not in config and "scheduler" not in config  # the inputs' are used
+
+
+def test_deepspeed_config_values_that_differ_from_the_inputs_are_replaced_with_a_note(tmp_path):
+    user = {
+        "zero_optimization": {"stage": 1, "offload_optimizer": {"device": "cpu"}},
+        "train_micro_batch_size_per_gpu": 32, "gradient_accumulation_steps": 4,
+        "train_batch_size": 256, "gradient_clipping": 1.0,
+        "fp16": {"enabled": True, "loss_scale": 0}, "bf16": {"enabled": False},
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.1, "betas": [0.9, 0.999], "eps": "auto",
+                                                  "weight_decay": 0.5}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}},
+    }
+    args = ds_args(tmp_path, training_batch_size="8", gradient_accumulation_step="2",
+                   learning_rate="0.001", max_grad_norm="1.0")
+    config, notes = ds.merge(user, args, world_size=2)
+    text = "\n".join(notes)
+    assert "train_micro_batch_size_per_gpu 32 replaced by 8 (training_batch_size)" in text
+    assert "gradient_accumulation_steps 4 replaced by 2 (gradient_accumulation_step)" in text
+    assert ("train_batch_size 256 replaced by 32 (training_batch_size 8 x gradient_accumulation_step "
+            "2 x 2 process(es))") in text
+    assert "gradient_clipping" not in text  # equal to max_grad_norm: nothing to say
+    assert "fp16.enabled true replaced by false (precision 32)" in text
+    assert "optimizer.params.lr 0.1 replaced by 0.001" in text
+    assert "optimizer.params.weight_decay 0.5 replaced by 0.0" in text
+    assert "betas" not in text  # equal to the inputs' (0.9, 0.999)
+    assert "scheduler WarmupLR removed: learning_rate_scheduler (cosine)" in text
+    assert len(notes) == 7
+    # Replaced values become "auto": the Trainer fills them from the inputs.
+    assert config["train_micro_batch_size_per_gpu"] == config["train_batch_size"] == "auto"
+    assert config["fp16"] == {"enabled": "auto", "loss_scale": 0}
+    assert config["optimizer"]["params"] == {"lr": "auto", "betas": "auto", "eps": "auto",
+                                             "weight_decay": "auto"}
+    assert "scheduler" not in config
+    # What the inputs do not decide stays the configuration's.
+    assert config["zero_optimization"] == {"stage": 1, "offload_optimizer": {"device": "cpu"}}
+    assert user["train_micro_batch_size_per_gpu"] == 32  # the caller's dict is left alone
+
+
+def test_deepspeed_optimizer_of_another_kind_gives_way_to_the_optimizer_input(tmp_path):
+    user = {"optimizer": {"type": "Lamb", "params": {"lr": 0.01}}, "zero_optimization": {"stage": 2}}
+    config, notes = ds.merge(user, ds_args(tmp_path, optimizer="sgd"), world_size=1)
+    assert "optimizer" not in config
+    assert notes == ["deepspeed_config: optimizer Lamb removed: the optimizer input (sgd) decides; "
+                     "the Trainer builds it and ZeRO partitions it"]
+    # Adam in DeepSpeed's AdamW mode runs adamw; with weight decay the note says how it differs.
+    user = {"optimizer": {"type": "Adam", "params": {}}}
+    config, notes = ds.merge(user, ds_args(tmp_path, optimizer="adamw", weight_decay="0.01"), 1)
+    assert config["optimizer"]["type"] == "Adam"
+    assert any("applies weight_decay to every weight" in n for n in notes)
+
+
+def test_deepspeed_precision_follows_the_precision_input(tmp_path):
+    user = {"bf16": {"enabled": True}, "fp16": {"enabled": False}}
+    gpu_fp16 = planned(tmp_path, precision="16")[2].training_args | {"bf16": False, "fp16": True}
+    _, notes = ds.merge(user, gpu_fp16, 1)
+    assert notes == ["deepspeed_config: fp16.enabled false replaced by true (precision 16)",
+                     "deepspeed_config: bf16.enabled true replaced by false (precision 16 runs as fp16)"]
+    cpu = ds_args(tmp_path, precision="16")  # bf16 on the CPU
+    config, notes = ds.merge({"fp16": {"enabled": True}}, cpu, 1)
+    assert notes == ["deepspeed_config: fp16.enabled true replaced by false (precision 16 runs as bf16)"]
+    assert config["bf16"] == {"enabled": "auto"}
+
+
+def test_zero3_saves_whole_weights(tmp_path):
+    config, notes = ds.merge({"zero_optimization": {"stage": 3}}, ds_args(tmp_path), 1)
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert "stage3_gather_16bit_weights_on_model_save set to true" in notes[0]
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"model": "resnet", "lr": 0.1}, "not a DeepSpeed configuration (it sets lr, model"),
+    ({}, "not a DeepSpeed configuration"),
+    ({"zero_optimization": {"stage": 5}}, "zero_optimization.stage must be 0, 1, 2 or 3 (got 5)"),
+    ({"zero_optimization": {"stage": "2"}}, 'zero_optimization.stage must be 0, 1, 2 or 3 (got "2")'),
+    ({"zero_optimization": True}, 'zero_optimization must be an object like {"stage": 2}'),
+    ({"train_micro_batch_size_per_gpu": 0}, 'must be a positive integer or "auto" (got 0)'),
+    ({"train_batch_size": "16"}, 'train_batch_size must be a positive integer or "auto"'),
+    ({"gradient_clipping": -1}, "gradient_clipping must be a number >= 0"),
+    ({"fp16": {"enabled": "yes"}}, 'fp16.enabled must be true, false or "auto"'),
+    ({"optimizer": {"params": {}}}, 'optimizer needs a "type"'),
+])
+def test_a_file_that_is_not_a_deepspeed_config_is_one_line_before_training(tmp_path, config, match):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config))
+    with pytest.raises(UserError, match=re.escape(match)):
+        planned(tmp_path, apply_deepspeed="true", deepspeed_config=str(path))
+
+
+def test_unknown_deepspeed_keys_are_reported(tmp_path):
+    notes = ds.validate({"zero_optimisation": {"stage": 2}, "fp16": {"enabled": "auto"}}, "x.json")
+    assert notes == ["deepspeed_config: zero_optimisation not DeepSpeed setting(s) (a typo?); "
+                     "DeepSpeed ignores them"]
+
+
+def test_missing_deepspeed_package_is_one_line(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(UserError) as info:
+        planned(tmp_path, apply_deepspeed="true")
+    assert str(info.value) == 'apply_deepspeed needs the deepspeed package: pip install "visiontune[deepspeed]"'

@@ -6,8 +6,6 @@ validation data during training, so the three cannot drift apart.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -69,6 +67,7 @@ class ClassifierBase:
         raise NotImplementedError
 
     def _batched(self, images: Sequence[Any], batch_size: int, run) -> np.ndarray:
+        batch_size = max(1, int(batch_size))
         out = [run(self.tensors(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
         if not out:
             return np.zeros((0, len(self.classes)), dtype=np.float32)
@@ -118,7 +117,10 @@ class Classifier(ClassifierBase):
         meta_path = folder / METADATA_FILE
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = AutoModelForImageClassification.from_pretrained(str(folder)).to(self.device).eval()
+        from visiontune.models.loading import accept_any_image_size
+
+        self.model = accept_any_image_size(
+            AutoModelForImageClassification.from_pretrained(str(folder)).to(self.device).eval())
         config = self.model.config
         task = meta.get("model_metadata", {}).get("finetuning_task")
         if task not in (MULTICLASS, MULTILABEL):
@@ -142,21 +144,132 @@ class Classifier(ClassifierBase):
             return self._batched(images, batch_size, run)
 
 
-def decode_payload_image(value: Any, allow_paths: bool = True):
-    """One cell of a scoring request: base64 text (optionally a data: URL), raw bytes or a path."""
-    from visiontune.data.images import decode_image, load_image
+# ---------------------------------------------------------------------------------------------
+# Scoring requests: one cell of the ``image`` column -> an RGB image, decoded in memory
+# ---------------------------------------------------------------------------------------------
+DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+URL_TIMEOUT_S = 30.0
 
-    if isinstance(value, (bytes, bytearray)):
-        return decode_image(bytes(value), where="request image")
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError("empty image value: send base64-encoded image bytes")
-    text = value.strip()
-    if allow_paths and len(text) < 4096 and Path(text).is_file():
-        return load_image(text)
-    if text.startswith("data:") and "," in text:
-        text = text.split(",", 1)[1]
+
+class PayloadError(ValueError):
+    """A request cell that cannot be used; the message says why, for the client."""
+
+
+def _size(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MB" if n >= 1024 * 1024 else f"{n:,} bytes"
+
+
+def _too_large(n: int, limit: int) -> PayloadError:
+    return PayloadError(f"image is {_size(n)}, over the limit of {_size(limit)} per image "
+                        "(max_image_bytes)")
+
+
+def _looks_like_path(text: str) -> bool:
+    """Only for the error message: base64 never holds '.', '\\', '~' or ':'."""
+    return text.startswith(("/", "~", ".")) or any(c in text for c in ".\\:")
+
+
+def _fetch_url(url: str, max_bytes: int) -> bytes:
+    """Download into memory (never to disk), reading at most ``max_bytes`` + 1 bytes."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"User-Agent": "visiontune"})
     try:
-        data = base64.b64decode(text, validate=True)
+        with urllib.request.urlopen(request, timeout=URL_TIMEOUT_S) as response:
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise _too_large(int(declared), max_bytes)
+            data = response.read(max_bytes + 1)
+    except PayloadError:
+        raise
+    except urllib.error.HTTPError as exc:
+        raise PayloadError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
+        raise PayloadError(f"cannot download {url}: {getattr(exc, 'reason', None) or exc}") from None
+    if len(data) > max_bytes:
+        raise _too_large(len(data), max_bytes)
+    return data
+
+
+def _read_path(text: str, max_bytes: int) -> bytes:
+    from visiontune.data.mltable import local_path
+
+    try:
+        path = local_path(text, Path.cwd())
+        if path.stat().st_size > max_bytes:
+            raise _too_large(path.stat().st_size, max_bytes)
+        return path.read_bytes()
+    except PayloadError:
+        raise
+    except FileNotFoundError:
+        raise PayloadError(f"image file not found: {text}") from None
+    except (OSError, ValueError) as exc:
+        raise PayloadError(f"cannot read image file {text}: {exc}") from None
+
+
+def payload_bytes(value: Any, *, allow_paths: bool = False, allow_urls: bool = False,
+                  max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+    """The encoded image bytes of one request cell.
+
+    Accepted: base64 text (standard or URL-safe alphabet, line breaks allowed, optionally a
+    ``data:...;base64,`` URL) and raw bytes; an http(s) URL only with ``allow_urls``; a local
+    path or ``file://`` URI only with ``allow_paths``. The size limit is checked before
+    decoding or downloading the whole image."""
+    import base64
+    import binascii
+    import math
+
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        data = bytes(value)
+        if len(data) > max_bytes:
+            raise _too_large(len(data), max_bytes)
+        return data
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise PayloadError("no image (null): send base64-encoded image bytes")
+    if not isinstance(value, str):
+        raise PayloadError(f"expected base64-encoded image bytes as text, got {type(value).__name__}")
+    text = value.strip()
+    if not text:
+        raise PayloadError("empty image value: send base64-encoded image bytes")
+    head = text[:8].lower()
+    if head.startswith(("http://", "https://")):
+        if not allow_urls:
+            raise PayloadError("image URLs are not fetched by this model (allow_urls is off); "
+                               "send base64-encoded image bytes")
+        return _fetch_url(text, max_bytes)
+    if head.startswith("data:"):
+        header, _, text = text.partition(",")
+        if ";base64" not in header.lower():
+            raise PayloadError("a data: URL must hold base64 (data:image/...;base64,...)")
+    elif allow_paths and (head.startswith("file:") or (len(text) < 4096 and Path(text).is_file())):
+        return _read_path(text, max_bytes)
+    compact = "".join(text.split())  # encoders often wrap lines at 76 characters
+    padding = len(compact) - len(compact.rstrip("="))
+    if len(compact) * 3 // 4 - padding > max_bytes:
+        raise _too_large(len(compact) * 3 // 4 - padding, max_bytes)
+    urlsafe = "-" in compact or "_" in compact
+    try:
+        data = base64.b64decode(compact, altchars=b"-_" if urlsafe else None, validate=True)
     except (binascii.Error, ValueError):
-        raise ValueError("image is not valid base64 (nor a local file path)") from None
-    return decode_image(data, where="request image")
+        if _looks_like_path(text) and not allow_paths:
+            raise PayloadError("image is not valid base64; local file paths are not read by this "
+                               "model (allow_local_paths is off)") from None
+        raise PayloadError("image is not valid base64") from None
+    if not data:
+        raise PayloadError("empty image value: send base64-encoded image bytes")
+    return data
+
+
+def decode_payload_image(value: Any, *, allow_paths: bool = False, allow_urls: bool = False,
+                         max_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
+    """One cell of a scoring request as an 8-bit RGB PIL image (see ``payload_bytes``), decoded
+    like training and evaluation decode files (EXIF orientation, modes, bomb check)."""
+    from visiontune.data.images import decode_image
+    from visiontune.errors import DataError
+
+    data = payload_bytes(value, allow_paths=allow_paths, allow_urls=allow_urls, max_bytes=max_bytes)
+    try:
+        return decode_image(data, where="image")
+    except DataError as exc:
+        raise PayloadError(str(exc)) from None

@@ -3,50 +3,177 @@
 
 The visiontune package travels inside the model (``code_paths``), so the model loads in a fresh
 process with only its pip requirements installed, and preprocesses exactly as evaluation does.
+
+A request is scored as one batch, decoded in memory (no temporary files). A cell that cannot be
+used (not base64, not an image, empty, too large, a URL or path the model may not read) fails
+the whole request with an ``MlflowException(INVALID_PARAMETER_VALUE)``: MLflow's scoring server
+answers it with HTTP 400 and the message, and goes on serving. Any other exception would become
+a 400 with a generic message and a traceback for the client, so none is let through.
+
+The limits and permissions are the pyfunc's ``model_config`` (stored in ``MLmodel``): set them
+when saving, or override them when loading (``mlflow.pyfunc.load_model(path, model_config=...)``)
+or serving (``MLFLOW_PYFUNC_INFERENCE_CONFIG='{"allow_urls": true}' mlflow models serve ...``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+
+from visiontune.inference import DEFAULT_MAX_IMAGE_BYTES
 
 log = logging.getLogger(__name__)
 
 # What a served model needs; versions pinned to what trained it (written at save time).
 _REQUIREMENTS = ("torch", "torchvision", "transformers", "timm", "safetensors", "pillow", "numpy",
                  "pandas", "mlflow")
+_ONNX_REQUIREMENTS = ("onnxruntime",)  # preprocessing still runs on torch/torchvision
 MODEL_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "model_selector_args.json")
+IMAGE_COLUMN = "image"
+DEFAULT_MAX_IMAGES = 256
+ERRORS_SHOWN = 5
+DECODE_THREADS = 8
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """What a request may contain. Stored as the pyfunc's ``model_config``.
+
+    ``batch_size`` 0 scores each request as one batch (at most ``max_images_per_request``
+    images); a positive value caps the images per forward pass, to bound memory."""
+
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_images_per_request: int = DEFAULT_MAX_IMAGES
+    allow_urls: bool = False
+    allow_local_paths: bool = False
+    batch_size: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "ServingConfig":
+        values = dict(values or {})
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown serving setting(s): {', '.join(sorted(unknown))}; known: "
+                             f"{', '.join(cls.__dataclass_fields__)}")
+        config = cls(**values)
+        for name in ("allow_urls", "allow_local_paths"):
+            if not isinstance(getattr(config, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(config, name)!r}")
+        for name, low in (("max_image_bytes", 1), ("max_images_per_request", 1), ("batch_size", 0)):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        return config
+
+
+def _bad_request(message: str):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
 class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from visiontune.inference import Classifier
+        self.config = ServingConfig.from_dict(getattr(context, "model_config", None))
+        artifacts = context.artifacts
+        if "onnx" in artifacts:
+            self.classifier = _onnx_classifier(artifacts["onnx"], artifacts.get("model"))
+        else:
+            from visiontune.inference import Classifier
 
-        self.classifier = Classifier(context.artifacts["model"])
+            self.classifier = Classifier(artifacts["model"])
 
     def predict(self, context, model_input, params: dict[str, Any] | None = None):
         import pandas as pd
 
-        from visiontune.inference import decode_payload_image
-
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        if "image" not in frame.columns:
-            raise ValueError("the input needs a column named 'image' (base64-encoded image bytes)")
-        images = [decode_payload_image(v) for v in frame["image"].tolist()]
-        probs = self.classifier.probabilities(images)
+        values = _image_column(model_input)
+        config = getattr(self, "config", None) or ServingConfig()
+        if not values:
+            raise _bad_request(f"the request holds no images: send one or more rows in the "
+                               f"'{IMAGE_COLUMN}' column")
+        if len(values) > config.max_images_per_request:
+            raise _bad_request(f"the request holds {len(values)} images, over the limit of "
+                               f"{config.max_images_per_request} per request "
+                               "(max_images_per_request); split it into smaller requests")
+        images = _decode_all(values, config)
+        batch = config.batch_size or len(images)
+        probs = self.classifier.probabilities(images, batch_size=batch)
         return pd.DataFrame(self.classifier.describe(probs))
 
 
-def _requirements() -> list[str]:
+def _image_column(model_input) -> list[Any]:
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        frame = model_input
+    elif isinstance(model_input, dict):
+        frame = pd.DataFrame(model_input)
+    elif isinstance(model_input, (list, tuple, pd.Series)) and all(
+            isinstance(v, (str, bytes)) for v in model_input):
+        return list(model_input)  # in-process use: a plain list of images
+    else:
+        frame = pd.DataFrame(model_input)
+    if IMAGE_COLUMN not in frame.columns:
+        raise _bad_request(f"the input needs a column named '{IMAGE_COLUMN}' (base64-encoded image "
+                           f"bytes); got columns {[str(c) for c in frame.columns]}")
+    return frame[IMAGE_COLUMN].tolist()
+
+
+def _decode_all(values: list[Any], config: ServingConfig) -> list[Any]:
+    """Every image of the request, or one 400 naming the rows that cannot be used."""
+    from visiontune.inference import PayloadError, decode_payload_image
+
+    def decode(value):
+        try:
+            return decode_payload_image(value, allow_paths=config.allow_local_paths,
+                                        allow_urls=config.allow_urls,
+                                        max_bytes=config.max_image_bytes), None
+        except PayloadError as exc:
+            return None, str(exc)
+
+    if len(values) == 1:
+        results = [decode(values[0])]
+    else:  # Pillow and downloads release the GIL
+        with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, len(values))) as pool:
+            results = list(pool.map(decode, values))
+    errors = [(row, error) for row, (_, error) in enumerate(results) if error is not None]
+    if errors:
+        shown = "; ".join(f"row {row}: {error}" for row, error in errors[:ERRORS_SHOWN])
+        more = f"; and {len(errors) - ERRORS_SHOWN} more" if len(errors) > ERRORS_SHOWN else ""
+        raise _bad_request(f"{len(errors)} of {len(values)} image(s) cannot be used: {shown}{more}")
+    return [image for image, _ in results]
+
+
+def _onnx_classifier(onnx_dir: str, model_dir: str | None):
+    """ONNX Runtime scoring; the multi-label threshold stays the model folder's, which
+    ``visiontune evaluate --tune_thresholds`` updates in place."""
+    from visiontune.inference import METADATA_FILE, check_threshold
+    from visiontune.onnx_export import OnnxClassifier
+
+    classifier = OnnxClassifier(onnx_dir)
+    meta_path = Path(model_dir or "") / METADATA_FILE
+    if model_dir and meta_path.is_file():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if "multilabel_threshold" in meta:
+            classifier.threshold = check_threshold(meta["multilabel_threshold"],
+                                                   len(classifier.classes))
+    return classifier
+
+
+def _requirements(names) -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
-    for name in _REQUIREMENTS:
+    for name in names:
         try:
             reqs.append(f"{name}=={version(name)}")
         except PackageNotFoundError:
@@ -54,15 +181,39 @@ def _requirements() -> list[str]:
     return reqs
 
 
-def save_mlflow_model(model_dir: str | Path, output_dir: str | Path) -> Path:
-    """Write the MLflow model for a fine-tuned model folder (checkpoints are left out)."""
-    import json
+def _stage_onnx(onnx_dir: Path, target: Path) -> None:
+    from visiontune.errors import UserError
+    from visiontune.onnx_export import METADATA_FILE, ONNX_FILE
 
+    meta_path = onnx_dir / METADATA_FILE
+    if not meta_path.is_file():
+        raise UserError(f"{onnx_dir} is not an ONNX export of visiontune (no {METADATA_FILE})")
+    model_file = json.loads(meta_path.read_text(encoding="utf-8")).get("model_file", ONNX_FILE)
+    target.mkdir()
+    for name in (model_file, model_file + ".data", METADATA_FILE):
+        if (onnx_dir / name).exists():
+            shutil.copy2(onnx_dir / name, target / name)
+
+
+def save_mlflow_model(model_dir: str | Path, output_dir: str | Path, *,
+                      onnx_dir: str | Path | None = None, allow_urls: bool = False,
+                      allow_local_paths: bool = False,
+                      max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                      max_images_per_request: int = DEFAULT_MAX_IMAGES,
+                      batch_size: int = 0) -> Path:
+    """Write the MLflow model for a fine-tuned model folder (checkpoints are left out).
+
+    ``onnx_dir``: an ``export_onnx`` folder of the same model; the pyfunc then scores with ONNX
+    Runtime. The other keywords are the ServingConfig stored with the model."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
     import visiontune
 
+    config = ServingConfig.from_dict({
+        "max_image_bytes": max_image_bytes, "max_images_per_request": max_images_per_request,
+        "allow_urls": allow_urls, "allow_local_paths": allow_local_paths, "batch_size": batch_size,
+    })
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     meta = json.loads((model_dir / "model_selector_args.json").read_text(encoding="utf-8"))
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -72,18 +223,26 @@ def save_mlflow_model(model_dir: str | Path, output_dir: str | Path) -> Path:
         for name in MODEL_FILES:
             if (model_dir / name).exists():
                 shutil.copy2(model_dir / name, staged_model / name)
+        artifacts = {"model": str(staged_model)}
+        requirements = _REQUIREMENTS
+        if onnx_dir is not None:
+            _stage_onnx(Path(onnx_dir), Path(tmp) / "onnx")
+            artifacts["onnx"] = str(Path(tmp) / "onnx")
+            requirements = _REQUIREMENTS + _ONNX_REQUIREMENTS
         target = Path(tmp) / "out"
         mlflow.pyfunc.save_model(
             path=str(target),
             python_model=ImageClassifierModel(),
-            artifacts={"model": str(staged_model)},
+            artifacts=artifacts,
             code_paths=[str(Path(visiontune.__file__).parent)],
-            pip_requirements=_requirements(),
-            signature=ModelSignature(inputs=Schema([ColSpec("string", "image")])),
+            pip_requirements=_requirements(requirements),
+            signature=ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)])),
+            model_config=asdict(config),
             metadata={
                 "finetuning_task": meta.get("model_metadata", {}).get("finetuning_task"),
                 "base_model_name": meta.get("model_metadata", {}).get("base_model_name"),
                 "is_finetuned_model": True,
+                "inference_backend": "onnxruntime" if onnx_dir is not None else "pytorch",
             },
         )
         if output_dir.exists():

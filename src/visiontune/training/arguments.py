@@ -246,5 +246,17 @@ def plan_training(values: dict[str, Any], *, use_cpu: bool, bf16_ok: bool) -> Pl
         **precision,
     )
     args.update(extra_fields)
-    ds_config = read_deepspeed_config(values["deepspeed_config"]) if values["apply_deepspeed"] else None
+    ds_config = None
+    if values["apply_deepspeed"]:
+        from visiontune.training import distributed
+        from visiontune.training.deepspeed import plan_deepspeed
+
+        ds_config, ds_notes = plan_deepspeed(read_deepspeed_config(values["deepspeed_config"]),
+                                             values["deepspeed_config"], args,
+                                             distributed.world_size())
+        notes.extend(ds_notes)
+        if not distributed.launched():
+            notes.append("apply_deepspeed without a distributed launcher: DeepSpeed runs as a "
+                         "one-process group; launch with torchrun (or Azure ML's distribution) "
+                         "to train on several GPUs")
     return Plan(training_args=args, notes=notes, deepspeed_config=ds_config)

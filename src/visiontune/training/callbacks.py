@@ -31,9 +31,14 @@ class CompleteCheckpointCallback(TrainerCallback):
     The Trainer writes a checkpoint file by file; a crash part-way leaves a folder that its own
     ``get_last_checkpoint`` would pick. Resume here only trusts folders with this marker, which
     is written (atomically) after the last file, so a half checkpoint is never resumed from.
+    In distributed runs every rank writes files of its own (its RNG state, DeepSpeed's optimizer
+    partitions) after the Trainer's last barrier, so the ranks meet once more before the marker.
     """
 
     def on_save(self, args, state, control, **kwargs):
+        from visiontune.training import distributed
+
+        distributed.barrier()
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():

@@ -20,6 +20,7 @@ import numpy as np
 
 from visiontune.errors import UserError
 from visiontune.inputs import MULTILABEL
+from visiontune.training import distributed
 from visiontune.training.arguments import plan_training
 from visiontune.training.callbacks import (
     METRICS_LOG, CompleteCheckpointCallback, MetricsLogCallback, list_checkpoints,
@@ -69,12 +70,16 @@ def _device_flags() -> tuple[bool, bool]:
     import torch
 
     if torch.cuda.is_available():
-        return False, torch.cuda.is_bf16_supported()
+        # Native bf16 only (compute capability 8+, or ROCm): torch.cuda.is_bf16_supported() also
+        # says yes for a V100, which only emulates it, slowly; fp16 is its mixed precision.
+        # Asked of this process's own GPU, so that no rank touches GPU 0 before its own is set.
+        device = distributed.local_rank() % torch.cuda.device_count()
+        return False, bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
     return True, False
 
 
 def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return distributed.is_main_process()
 
 
 def _print_plan(values: dict[str, Any], sources: dict[str, str], notes: list[str]) -> None:
@@ -89,25 +94,51 @@ def _print_plan(values: dict[str, Any], sources: dict[str, str], notes: list[str
     print("\n".join(lines), flush=True)
 
 
-def _scalar_metrics(task: str, threshold: float):
+def _first(predictions):
+    return predictions[0] if isinstance(predictions, (tuple, list)) else predictions
+
+
+def check_row_count(label_ids, expected: int) -> None:
+    """Metrics are over the whole validation set, each row once, however many processes ran.
+
+    The Trainer gathers every rank's predictions and drops the rows repeated to even out the
+    last batch; should that ever go wrong, the run stops rather than report wrong metrics."""
+    if len(label_ids) != expected:
+        raise RuntimeError(f"evaluation saw {len(label_ids)} predictions for {expected} validation "
+                           "rows; metrics would be wrong")
+
+
+def _scalar_metrics(task: str, threshold: float, rows: int, label_smoothing: float):
     from visiontune.metrics import compute_metrics
+    from visiontune.training.trainer import mean_loss
 
     def compute(prediction) -> dict[str, float]:
-        logits = prediction.predictions
-        if isinstance(logits, (tuple, list)):
-            logits = logits[0]
+        logits = _first(prediction.predictions)
+        check_row_count(prediction.label_ids, rows)
         result = compute_metrics(np.asarray(logits), np.asarray(prediction.label_ids), task,
                                  threshold=threshold)
-        return {k: v for k, v in result.items() if k != "per_class"}
+        scalars = {k: v for k, v in result.items() if k != "per_class"}
+        # Replaces the Trainer's eval_loss, an average of per-batch losses that counts the rows
+        # repeated to even out the last batch across processes.
+        scalars["loss"] = mean_loss(logits, prediction.label_ids, task, label_smoothing)
+        return scalars
 
     return compute
 
 
 def _prepare_output_dir(out: Path, resume: bool) -> Path | None:
-    """Pick the checkpoint to resume from, or clear old checkpoints for a fresh start."""
+    """Pick the checkpoint to resume from, or clear old checkpoints for a fresh start.
+
+    Rank 0 alone cleans up and chooses; the other ranks wait for it and take its choice, so no
+    rank looks at the folder while checkpoints are being removed."""
     out.mkdir(parents=True, exist_ok=True)
-    if not _is_main_process():
-        return newest_complete_checkpoint(out) if resume else None
+    chosen = _clean_output_dir(out, resume) if _is_main_process() else None
+    chosen = distributed.broadcast_from_main(str(chosen) if chosen else None)
+    distributed.check_shared_folder(out, "output_dir_pytorch")
+    return Path(chosen) if chosen else None
+
+
+def _clean_output_dir(out: Path, resume: bool) -> Path | None:
     if resume:
         for folder in remove_incomplete_checkpoints(out):
             log.warning("removed incomplete checkpoint %s (written when a run stopped)", folder)
@@ -132,6 +163,7 @@ def _prepare_output_dir(out: Path, resume: bool) -> Path | None:
 
 def check_finetune_inputs(values: dict[str, Any], model_name: str | None) -> None:
     """Every cross-input rule, before a model exists (the pipeline checks before importing)."""
+    distributed.check_launch_environment()
     use_cpu, bf16_ok = _device_flags()
     resolved, _ = apply_defaults(dict(values), values["task_name"], model_name)
     plan_training(resolved, use_cpu=use_cpu, bf16_ok=bf16_ok)
@@ -140,7 +172,20 @@ def check_finetune_inputs(values: dict[str, Any], model_name: str | None) -> Non
 def finetune(values: dict[str, Any], *, callbacks: Iterable[Any] = (), data=None) -> FinetuneResult:
     """Run the finetune component on resolved CLI/config values (see inputs.FINETUNE_INPUTS).
 
-    ``data``: the PreparedData of these inputs when the caller has read it already."""
+    ``data``: the PreparedData of these inputs when the caller has read it already.
+
+    Under torchrun or Azure ML's distribution every process calls this; each returns only after
+    rank 0 has written every output (see training/distributed.py)."""
+    try:
+        return _finetune(values, callbacks=callbacks, data=data)
+    except BaseException:
+        distributed.leave_after_failure()
+        raise
+    finally:
+        distributed.end_one_process_world()
+
+
+def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data) -> FinetuneResult:
     values = dict(values)
     task = values["task_name"]
     model_dir = check_model_folder(values["model_path"])
@@ -150,12 +195,20 @@ def finetune(values: dict[str, Any], *, callbacks: Iterable[Any] = (), data=None
     metadata = read_model_metadata(model_dir)
     base_model = _model_name(model_dir, metadata)
     values, sources = apply_defaults(values, task, base_model, model_dir)
+    distributed.check_launch_environment()
     use_cpu, bf16_ok = _device_flags()
-    cpus = os.cpu_count() or 1
+    # Each process on a node loads its own batches: share the node's CPUs among them.
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    cpus = max(1, (os.cpu_count() or 1) // max(1, local_processes))
     if values["number_of_workers"] > cpus:
-        sources["number_of_workers"] = f"reduced from {values['number_of_workers']} to the CPUs here"
+        sources["number_of_workers"] = (f"reduced from {values['number_of_workers']} to the CPUs here"
+                                        + (" per process" if local_processes > 1 else ""))
         values["number_of_workers"] = cpus
     plan = plan_training(values, use_cpu=use_cpu, bf16_ok=bf16_ok)
+    if values["apply_ort"]:
+        from visiontune.onnx_export import check_apply_ort
+
+        check_apply_ort()  # missing packages fail here, before any data or model is loaded
     _print_plan(values, sources, plan.notes)
 
     # Data before model: a bad dataset fails before anything heavy is loaded.
@@ -178,27 +231,37 @@ def finetune(values: dict[str, Any], *, callbacks: Iterable[Any] = (), data=None
     from visiontune.models.loading import load_for_finetune, load_image_processor
     from visiontune.training.trainer import VisionTrainer
 
+    out = Path(values["output_dir_pytorch"])
+    show_lines = not sys.stderr.isatty()
+    if plan.deepspeed_config is not None:
+        distributed.start_one_process_world()  # a no-op under a launcher
+    # Joins the process group (when there is one), which the output folder's preparation needs;
+    # before the model is loaded, so that a folder the nodes do not share fails early.
+    args = TrainingArguments(**plan.training_args, deepspeed=plan.deepspeed_config,
+                             disable_tqdm=show_lines)
+    distributed.prepare()
+    checkpoint = _prepare_output_dir(out, values["resume_from_checkpoint"])
+
     processor = load_image_processor(model_dir)
     pre = resolve_preprocessing(processor, values["image_height"], values["image_width"])
     train_ds = ImageDataset(data.train, data.classes, task,
                             train_transform(pre, values["apply_augmentations"]))
     val_ds = ImageDataset(data.validation, data.classes, task, eval_transform(pre))
 
+    if not _is_main_process():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # one log: rank 0's (loading reports, warnings)
     set_seed(values["random_seed"])  # the new head's initialisation is part of the run
     model = load_for_finetune(model_dir, data.classes, task)
-
-    out = Path(values["output_dir_pytorch"])
-    checkpoint = _prepare_output_dir(out, values["resume_from_checkpoint"])
-    show_lines = not sys.stderr.isatty()
-    args = TrainingArguments(**plan.training_args, deepspeed=plan.deepspeed_config,
-                             disable_tqdm=show_lines)
     threshold = values["multilabel_threshold"]
     trainer_callbacks = [CompleteCheckpointCallback(), MetricsLogCallback(out / METRICS_LOG, show_lines)]
     if values["early_stopping"]:
         trainer_callbacks.append(EarlyStoppingCallback(values["early_stopping_patience"]))
     trainer = VisionTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-        compute_metrics=_scalar_metrics(task, threshold),
+        compute_metrics=_scalar_metrics(task, threshold, len(val_ds),
+                                        plan.training_args["label_smoothing_factor"]),
         callbacks=[*trainer_callbacks, *callbacks],
     )
     if show_lines:
@@ -216,20 +279,33 @@ def finetune(values: dict[str, Any], *, callbacks: Iterable[Any] = (), data=None
                               threshold=threshold, class_names=data.classes)
     metrics["loss"] = float(prediction.metrics.get("eval_loss", float("nan")))
 
+    # Every rank saves: under ZeRO-3 the weights are gathered from all of them (rank 0 writes).
+    update_processor_size(processor, trainer.model.config, pre)
+    trainer.save_model(str(out))
     mlflow_dir = None
     if trainer.is_world_process_zero():
         _write_outputs(out, trainer, processor, pre, data, values, sources, plan.notes, metrics,
                        base_model, metadata, describe_augmentations(pre, values["apply_augmentations"]))
+        from visiontune.onnx_export import ONNX_SUBDIR, export_and_validate
+
+        onnx_dir = None
+        if values["apply_ort"]:
+            onnx_dir = export_and_validate(
+                out, data.validation, prediction.label_ids, logits,
+                batch_size=values["validation_batch_size"],
+                mixed_precision=bool(trainer.args.fp16 or trainer.args.bf16))
+        else:  # an earlier run's export would not match this model
+            shutil.rmtree(out / ONNX_SUBDIR, ignore_errors=True)
         if values["save_as_mlflow_model"]:
             from visiontune.serving.mlflow_model import save_mlflow_model
 
-            mlflow_dir = save_mlflow_model(out, values["output_dir_mlflow"])
+            mlflow_dir = save_mlflow_model(out, values["output_dir_mlflow"], onnx_dir=onnx_dir)
         summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         print(f"validation metrics of the best model: {summary}", flush=True)
         print(f"pytorch model: {out}", flush=True)
         if mlflow_dir:
             print(f"mlflow model: {mlflow_dir}", flush=True)
-    trainer.accelerator.wait_for_everyone()
+    distributed.wait_for_main_process("writing the outputs")
     return FinetuneResult(out, mlflow_dir, metrics, data.classes)
 
 
@@ -237,8 +313,7 @@ def _write_outputs(out, trainer, processor, pre, data, values, sources, notes, m
                    base_model, metadata, augmentations) -> None:
     from visiontune.models.importer import write_model_metadata
 
-    timm = update_processor_size(processor, trainer.model.config, pre)
-    trainer.save_model(str(out))
+    timm = update_processor_size(processor, trainer.model.config, pre)  # weights saved already
     if timm:
         from visiontune.models.builtin import write_timm_processor_config
 

@@ -1,0 +1,342 @@
+"""The MLflow model behind a real ``mlflow models serve`` on 127.0.0.1: the payload forms MLflow
+accepts, answers equal to in-process predictions, and a 400 with a clear message for every bad
+payload, after which the server goes on serving. Two servers for the module, started together:
+a multi-class PyTorch model with small limits, and a multi-label ONNX Runtime model with
+``allow_urls`` turned on at serve time."""
+
+import base64
+import http.server
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tiny_models import random_images, save_tiny_model
+from visiontune.inference import (
+    MULTICLASS, MULTILABEL, Classifier, PayloadError, decode_payload_image, payload_bytes,
+)
+from visiontune.models.importer import write_model_metadata
+from visiontune.serving.mlflow_model import ImageClassifierModel, ServingConfig, save_mlflow_model
+
+LABELS = ["cat", "dog", "fox"]
+PREPROCESSING = {"height": 32, "width": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                 "interpolation": "bilinear"}
+MAX_BYTES, MAX_IMAGES = 100_000, 8
+READY_TIMEOUT_S = 90
+
+
+def finetuned(kind, task, path, threshold=None):
+    save_tiny_model(kind, path, num_labels=len(LABELS), image_size=32, labels=LABELS)
+    write_model_metadata(path, {
+        "model_metadata": {"finetuning_task": task, "id2label": dict(enumerate(LABELS)),
+                           "is_finetuned_model": True},
+        "preprocessing": PREPROCESSING, "multilabel_threshold": threshold,
+    })
+    return path
+
+
+def png_bytes(image, fmt="PNG"):
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def split(values, columns=("image",)):
+    return {"dataframe_split": {"columns": list(columns), "data": [[v] for v in values]}}
+
+
+class Server:
+    def __init__(self, model_dir: Path, log: Path, env_extra=None):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(env_extra or {})
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir),
+             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(self.port)],
+            stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def ping(self) -> int:
+        try:
+            with urllib.request.urlopen(self.url + "/ping", timeout=5) as r:
+                return r.status
+        except (urllib.error.URLError, OSError):
+            return 0
+
+    def wait_ready(self, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
+            if self.ping() == 200:
+                return
+            time.sleep(0.5)
+        pytest.fail(f"the server did not answer /ping in {READY_TIMEOUT_S} s:\n"
+                    f"{self.log.read_text()[-3000:]}")
+
+    def post(self, body, content_type="application/json"):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + "/invocations", data=data,
+                                         headers={"Content-Type": content_type})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(multi-class server, its model folder), (multi-label ONNX server, its model folder)."""
+    pytest.importorskip("onnxruntime")
+    from visiontune.onnx_export import export_onnx
+
+    root = tmp_path_factory.mktemp("serving")
+    mc = finetuned("vit", MULTICLASS, root / "mc")
+    save_mlflow_model(mc, root / "mc-mlflow", max_image_bytes=MAX_BYTES,
+                      max_images_per_request=MAX_IMAGES)
+    ml = finetuned("convnext", MULTILABEL, root / "ml", threshold=[0.3, 0.5, 0.7])
+    export_onnx(ml, root / "ml-onnx")
+    save_mlflow_model(ml, root / "ml-mlflow", onnx_dir=root / "ml-onnx")
+    servers = []
+    try:
+        servers.append(Server(root / "mc-mlflow", root / "mc.log"))
+        servers.append(Server(root / "ml-mlflow", root / "ml.log",
+                              {"MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps({"allow_urls": True})}))
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        for server in servers:
+            server.wait_ready(deadline)
+        yield (servers[0], mc), (servers[1], ml)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Three small PNGs and one JPEG, as PIL images and as their encoded bytes."""
+    pil = random_images(3, seed=3) + random_images(1, size=52, seed=4)
+    encoded = [png_bytes(im) for im in pil[:3]] + [png_bytes(pil[3], "JPEG")]
+    decoded = [decode_payload_image(b64(data)) for data in encoded]  # JPEG: as the server sees it
+    return encoded, decoded
+
+
+def expected_rows(model_dir, decoded):
+    classifier = Classifier(model_dir, device="cpu")
+    return classifier, classifier.probabilities(decoded)
+
+
+def check_answer(answer, model_dir, decoded):
+    classifier, probs = expected_rows(model_dir, decoded)
+    rows = answer["predictions"]
+    assert len(rows) == len(decoded)
+    np.testing.assert_allclose(np.array([r["probs"] for r in rows]), probs, atol=1e-5)
+    assert all(r["labels"] == LABELS for r in rows)
+    if classifier.task == MULTILABEL:
+        assert [r["predicted_labels"] for r in rows] == [
+            classifier.labels_above_threshold(p) for p in probs]
+    else:
+        assert [r["predicted_label"] for r in rows] == [LABELS[i] for i in probs.argmax(axis=1)]
+
+
+def forms(values):
+    return {
+        "dataframe_split": (split(values), "application/json"),
+        "dataframe_split, flat data": ({"dataframe_split": {"columns": ["image"], "data": values}},
+                                       "application/json"),
+        "dataframe_records": ({"dataframe_records": [{"image": v} for v in values]}, "application/json"),
+        "inputs, column dict": ({"inputs": {"image": values}}, "application/json"),
+        "inputs, list of strings": ({"inputs": values}, "application/json"),
+        "instances, records": ({"instances": [{"image": v} for v in values]}, "application/json"),
+        "instances, list of strings": ({"instances": values}, "application/json"),
+        "csv": (("image\n" + "\n".join(values) + "\n").encode(), "text/csv"),
+    }
+
+
+def test_every_payload_form_scores_the_request_like_the_classifier(served, images):
+    (server, model_dir), _ = served
+    encoded, decoded = images
+    values = [b64(d) for d in encoded]
+    for name, (body, content_type) in forms(values).items():
+        status, answer = server.post(body, content_type)
+        assert status == 200, (name, answer)
+        check_answer(answer, model_dir, decoded)
+
+
+def test_multilabel_onnx_server_fetches_urls_when_allowed(served, images, tmp_path):
+    _, (server, model_dir) = served
+    encoded, decoded = images
+    (tmp_path / "a.png").write_bytes(encoded[0])
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{web.server_address[1]}"
+        status, answer = server.post(split([f"{base}/a.png", b64(encoded[1])]))
+        assert status == 200, answer
+        check_answer(answer, model_dir, decoded[:2])
+        assert "predicted_labels" in answer["predictions"][0]
+
+        status, answer = server.post(split([f"{base}/missing.png"]))
+        assert status == 400 and "HTTP 404" in answer["message"]
+    finally:
+        web.shutdown()
+        web.server_close()
+    assert server.ping() == 200
+
+
+def _bad_cases(values):
+    good = values[0]
+    too_large = b64(b"\xff" * (MAX_BYTES + 1))
+    return {
+        "not base64": (split(["%%% not base64 %%%"]), "row 0: image is not valid base64"),
+        "not an image": (split([b64(b"just some text, no picture")]), "row 0: image: not an image file"),
+        "empty string": (split([""]), "row 0: empty image value"),
+        "null": (split([None]), "row 0: no image (null)"),
+        "second row bad": (split([good, "@@@@"]), "1 of 2 image(s) cannot be used: row 1:"),
+        "missing column": (split([good], columns=["picture"]), "missing inputs ['image']"),
+        "no rows": (split([]), "the request holds no images"),
+        "too large": (split([too_large]), f"over the limit of {MAX_BYTES:,} bytes per image"),
+        "too many": (split([good] * (MAX_IMAGES + 1)),
+                     f"holds {MAX_IMAGES + 1} images, over the limit of {MAX_IMAGES} per request"),
+        "url not allowed": (split(["https://example.com/cat.png"]),
+                            "image URLs are not fetched by this model (allow_urls is off)"),
+        "local path": (split([str(Path(__file__).resolve())]),
+                       "local file paths are not read by this model (allow_local_paths is off)"),
+        "azure input_data": ({"input_data": {"columns": ["image"], "data": [[good]]}},
+                             "exactly one of the input fields"),
+    }
+
+
+def test_bad_payloads_get_400_with_the_reason_and_the_server_goes_on(served, images):
+    (server, model_dir), _ = served
+    encoded, decoded = images
+    values = [b64(d) for d in encoded]
+    for name, (body, wanted) in _bad_cases(values).items():
+        status, answer = server.post(body)
+        assert status == 400, (name, status, answer)
+        assert wanted in answer.get("message", ""), (name, answer)
+        assert "Traceback" not in json.dumps(answer), name
+        assert server.ping() == 200, name
+        status, answer = server.post(split(values[:1]))
+        assert status == 200, (name, answer)
+        check_answer(answer, model_dir, decoded[:1])
+
+
+# ---------------------------------------------------------------------------------------------
+# In process
+# ---------------------------------------------------------------------------------------------
+def test_a_request_is_one_batch_and_the_cap_splits_it(served, images, monkeypatch):
+    (_, model_dir), _ = served
+    encoded, _ = images
+    model = ImageClassifierModel()
+    model.classifier = Classifier(model_dir, device="cpu")
+    seen = []
+    original = model.classifier.logits
+
+    def spy(batch_images, batch_size=32):
+        seen.append(batch_size)
+        return original(batch_images, batch_size)
+
+    monkeypatch.setattr(model.classifier, "logits", spy)
+    frame = pd.DataFrame({"image": [b64(d) for d in encoded]})
+    model.config = ServingConfig()
+    whole = model.predict(None, frame)
+    model.config = ServingConfig(batch_size=3)
+    capped = model.predict(None, frame)
+    assert seen == [len(encoded), 3]
+    np.testing.assert_allclose(np.array(capped["probs"].tolist()),
+                               np.array(whole["probs"].tolist()), atol=1e-6)
+
+
+def test_model_config_is_stored_and_overridable_at_load(served, images, tmp_path):
+    import mlflow.pyfunc
+    import yaml
+
+    (_, model_dir), _ = served
+    encoded, decoded = images
+    mlflow_dir = save_mlflow_model(model_dir, tmp_path / "m")
+    mlmodel = yaml.safe_load((mlflow_dir / "MLmodel").read_text())
+    assert mlmodel["flavors"]["python_function"]["config"] == {
+        "max_image_bytes": 20 * 1024 * 1024, "max_images_per_request": 256, "allow_urls": False,
+        "allow_local_paths": False, "batch_size": 0}
+    assert mlmodel["metadata"]["inference_backend"] == "pytorch"
+    assert mlmodel["metadata"]["is_finetuned_model"] is True
+
+    path = tmp_path / "cat.png"
+    path.write_bytes(encoded[0])
+    frame = pd.DataFrame({"image": [str(path)]})
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="allow_local_paths is off"):
+        mlflow.pyfunc.load_model(str(mlflow_dir)).predict(frame)
+    allowed = mlflow.pyfunc.load_model(str(mlflow_dir), model_config={"allow_local_paths": True})
+    got = allowed.predict(frame)
+    np.testing.assert_allclose(np.array(got["probs"].tolist()),
+                               expected_rows(model_dir, decoded[:1])[1], atol=1e-5)
+
+
+def test_serving_config_is_checked():
+    with pytest.raises(ValueError, match="max_image_bytes must be an integer >= 1"):
+        ServingConfig.from_dict({"max_image_bytes": 0})
+    with pytest.raises(ValueError, match="allow_urls must be true or false"):
+        ServingConfig.from_dict({"allow_urls": "yes"})
+    with pytest.raises(ValueError, match="unknown serving setting"):
+        ServingConfig.from_dict({"max_bytes": 1})
+
+
+def test_payload_forms_decode_from_memory(images):
+    encoded, _ = images
+    data = encoded[0]
+    text = base64.b64encode(data).decode()
+    wrapped = base64.encodebytes(data).decode()  # line breaks every 76 characters
+    assert payload_bytes(wrapped) == data
+    assert payload_bytes(f"data:image/png;base64,{text}") == data
+    assert payload_bytes(base64.urlsafe_b64encode(data).decode()) == data
+    assert payload_bytes(data) == data
+    with pytest.raises(PayloadError, match="over the limit of 10 bytes"):
+        payload_bytes(text, max_bytes=10)
+    with pytest.raises(PayloadError, match="data: URL must hold base64"):
+        payload_bytes("data:text/plain,hello")
+    with pytest.raises(PayloadError, match="allow_urls is off"):
+        payload_bytes("HTTP://example.com/a.png")
+    with pytest.raises(PayloadError, match="allow_local_paths is off"):
+        payload_bytes("file:///etc/hostname")
