@@ -68,7 +68,7 @@ COMPONENTS: tuple[Component, ...] = (
     Component(
         "pipeline", "pipeline", I.PIPELINE_INPUTS,
         "visiontune_image_classification_pipeline", "Image classification pipeline",
-        "Model import, data validation, finetune and evaluation in one job.",
+        "Model import, data validation, finetune and evaluation in one job.", distributed=True,
     ),
 )
 
