@@ -256,3 +256,16 @@ def test_bad_inputs_stop_before_loading_anything(tmp_path, tiny_vit, capsys):
     assert main(base[:2] + [str(tmp_path)] + base[3:]) == 2
     assert "is not a model folder" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_metrics_go_to_mlflow_tracking_when_configured(tiny_vit, digits, tmp_path, monkeypatch):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "visiontune-test")
+    run(tiny_vit, digits, tmp_path / "tracked", number_of_epochs=1)
+    client = mlflow.tracking.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("visiontune-test")
+    runs = client.search_runs([experiment.experiment_id])
+    assert runs and "eval_accuracy" in runs[0].data.metrics
