@@ -1,17 +1,23 @@
-"""A torch Dataset over Records: decode, transform, encode the label."""
+"""A torch Dataset over Records: decode (or read the decoded-image cache), transform, encode
+the label."""
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from visiontune.data.images import load_image, to_uint8_tensor
+from visiontune.data import cache as cache_settings
+from visiontune.data.cache import DecodedImageCache
+from visiontune.data.images import hwc_tensor, load_image
 from visiontune.data.labels import check_task, encode_label
 from visiontune.data.sources import Record
 from visiontune.errors import DataError
 from visiontune.inputs import MULTICLASS
+
+log = logging.getLogger(__name__)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -19,16 +25,27 @@ class ImageDataset(torch.utils.data.Dataset):
     (multi-class) or a float32 multi-hot vector over ``classes`` (multi-label).
 
     Images are read at each access (not kept in memory); labels are encoded up front so that
-    a label outside ``classes`` fails at construction, not in the middle of an epoch."""
+    a label outside ``classes`` fails at construction, not in the middle of an epoch.
+
+    ``image_cache`` (default: ``$VISIONTUNE_IMAGE_CACHE``, on): for the transforms of
+    ``visiontune.data.transforms``, decode every image once at construction into the
+    decoded-image cache (``visiontune.data.cache``) and read it from there afterwards."""
 
     def __init__(
         self, records: Sequence[Record], classes: list[str], task: str,
         transform: Callable[[torch.Tensor], torch.Tensor],
+        *, image_cache: bool | None = None, cache_dir: str | None = None,
     ) -> None:
         self.records = list(records)
         self.classes = list(classes)
         self.task = check_task(task)
         self.transform = transform
+        plan = self._plan = _plan_for(transform)
+        # Reduced-scale JPEG decoding only where the transform shrinks and crops at random
+        # anyway; the exact (evaluation) plan always decodes in full.
+        self._min_side = (plan.size[0] if plan is not None and plan.kind == "shrink"
+                          and cache_settings.draft_enabled() else None)
+        self._entries: list[str | None] | None = None
         class_to_id = {name: i for i, name in enumerate(self.classes)}
         labels = []
         for record in self.records:
@@ -41,14 +58,45 @@ class ImageDataset(torch.utils.data.Dataset):
         else:
             self._labels = (torch.from_numpy(np.stack(labels)) if labels
                             else torch.zeros((0, len(self.classes)), dtype=torch.float32))
+        enabled = cache_settings.cache_enabled() if image_cache is None else bool(image_cache)
+        if enabled and plan is not None and self.records:
+            self._entries = self._fill_cache(cache_dir)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def _fill_cache(self, cache_dir: str | None) -> list[str | None]:
+        steps = getattr(self.transform, "transforms", [None])
+        cache = DecodedImageCache(self._plan, cache_dir, first_step=steps[0])
+        stats = cache.fill(r.image for r in self.records)
+        log.info("image cache %s: %d image(s) reused, %d decoded now%s", cache.folder,
+                 stats["cached"], stats["added"],
+                 "".join(f", {n} {k.replace('_', ' ')}" for k, n in stats.items()
+                         if k not in ("cached", "added") and n))
+        entries = [cache.entry_path(r.image) for r in self.records]
+        return [str(e) if e is not None and e.is_file() else None for e in entries]
+
+    def pixels(self, index: int) -> torch.Tensor:
+        """The uint8 CHW image of item ``index`` before the transform: from the cache when it
+        holds the image, else decoded (DataError naming the row when it cannot be read)."""
+        if self._entries is not None and self._entries[index] is not None:
+            tensor = DecodedImageCache.read(self._entries[index])
+            if tensor is not None:
+                return tensor
         record = self.records[index]
         try:
-            image = load_image(record.image)
+            image = load_image(record.image, min_side=self._min_side)
         except DataError as exc:
             raise DataError(f"{record.where}: {exc}") from None
-        return {"pixel_values": self.transform(to_uint8_tensor(image)), "labels": self._labels[index]}
+        return hwc_tensor(image)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        pixel_values = self.transform(self.pixels(index))
+        return {"pixel_values": pixel_values.contiguous(), "labels": self._labels[index]}
+
+
+def _plan_for(transform):
+    try:
+        return cache_settings.plan_for(transform)
+    except Exception:  # an unusual transform only loses the fast path
+        return None

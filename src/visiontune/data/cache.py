@@ -1,0 +1,316 @@
+"""A decoded-image cache: each image is decoded (and shrunk) once, then reused by every epoch.
+
+Decoding a photo costs more than everything else the data loader does for it, and training
+decodes every image once per epoch (validation too). The cache keeps, per image, an uint8
+HWC array in a ``.npy`` file that later reads memory-map instead of decoding. What is stored
+depends on the dataset's transform, read from its first step:
+
+* ``Resize((H, W))`` (evaluation, and training without augmentations): the exact output of
+  that step on the full-size decode. The transform's own Resize is then a no-op, so cached
+  and uncached items are bit-identical.
+* ``RandomResizedCrop((H, W))`` (training with augmentations): the full decode shrunk (never
+  enlarged) so that its shorter side is ``SHRINK_MARGIN`` x max(H, W), with the transform's
+  interpolation and torchvision's antialiased resize. Crops come from this smaller image:
+  close to, not equal to, crops of the full image.
+* any other transform: no cache.
+
+An entry is keyed by the image's resolved path, size and modification time, so an edited or
+replaced file is decoded again. Entries are written atomically (temporary file + rename), so
+parallel writers (threads, data-loader workers, distributed ranks) are safe. Only local files
+are cached. Stale entries are not removed; delete the folder to reclaim the space.
+
+Switches (environment): ``VISIONTUNE_IMAGE_CACHE`` (1/0), ``VISIONTUNE_IMAGE_CACHE_DIR`` (where;
+default ``~/.cache/visiontune/decoded``), ``VISIONTUNE_IMAGE_CACHE_MAX_GB`` (per folder of
+entries, default 20), ``VISIONTUNE_JPEG_DRAFT`` (1/0: reduced-scale JPEG decoding for
+augmented training images when the cache is off or full).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+from urllib.parse import urlparse
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ENV_SWITCH = "VISIONTUNE_IMAGE_CACHE"
+ENV_DIR = "VISIONTUNE_IMAGE_CACHE_DIR"
+ENV_MAX_GB = "VISIONTUNE_IMAGE_CACHE_MAX_GB"
+ENV_DRAFT = "VISIONTUNE_JPEG_DRAFT"
+DEFAULT_ENABLED = True
+DEFAULT_DRAFT = True
+DEFAULT_MAX_GB = 20.0
+FORMAT = 1  # bump when what an entry holds changes
+# Shorter side kept for random crops, relative to the larger output side. Twice the output
+# size keeps crops down to a quarter of the image side at full output detail; smaller crops
+# (RandomResizedCrop goes down to 8 % of the area) come out a little softer than from the
+# full image. A smaller margin read no faster (see BENCHMARKS.md).
+SHRINK_MARGIN = 2.0
+FREE_SPACE_RESERVE = 1 << 30  # never fill the disk below this
+
+_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+
+
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return default
+
+
+def cache_enabled() -> bool:
+    return _flag(ENV_SWITCH, DEFAULT_ENABLED)
+
+
+def draft_enabled() -> bool:
+    return _flag(ENV_DRAFT, DEFAULT_DRAFT)
+
+
+def cache_root() -> Path:
+    configured = os.environ.get(ENV_DIR)
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".cache" / "visiontune" / "decoded"
+
+
+def max_bytes() -> int:
+    try:
+        gigabytes = float(os.environ.get(ENV_MAX_GB, DEFAULT_MAX_GB))
+    except ValueError:
+        gigabytes = DEFAULT_MAX_GB
+    return max(0, int(gigabytes * (1 << 30)))
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """What an entry holds: ``exact`` = the transform's first Resize applied to the full image
+    (``size`` is (H, W)); ``shrink`` = shorter side ``size[0]``, aspect kept."""
+
+    kind: str
+    size: tuple[int, int]
+    interpolation: str
+
+    def folder_name(self) -> str:
+        shape = f"{self.size[0]}x{self.size[1]}" if self.kind == "exact" else f"{self.size[0]}"
+        return f"{self.kind}-{shape}-{self.interpolation}-v{FORMAT}"
+
+
+def _interpolation_name(mode: Any) -> str | None:
+    value = getattr(mode, "value", mode)
+    return value if value in _INTERPOLATIONS else None
+
+
+def plan_for(transform: Any) -> CachePlan | None:
+    """The cache plan of a transform built by ``visiontune.data.transforms``; None when the
+    transform does not start with a (random-resized-crop or plain) resize to a fixed size."""
+    from torchvision.transforms import v2
+
+    steps = getattr(transform, "transforms", None)
+    if not steps:
+        return None
+    first = steps[0]
+    size = getattr(first, "size", None)
+    if not isinstance(size, (list, tuple)) or len(size) != 2:
+        return None
+    height, width = int(size[0]), int(size[1])
+    interpolation = _interpolation_name(getattr(first, "interpolation", None))
+    if interpolation is None:
+        return None
+    if type(first) is v2.Resize:
+        if getattr(first, "max_size", None) is not None or not first.antialias:
+            return None
+        return CachePlan("exact", (height, width), interpolation)
+    if type(first) is v2.RandomResizedCrop:
+        side = int(math.ceil(SHRINK_MARGIN * max(height, width)))
+        return CachePlan("shrink", (side, side), interpolation)
+    return None
+
+
+def local_file(uri: str) -> Path | None:
+    """The local file of an image URI, or None for URLs and other remote schemes."""
+    from visiontune.data.mltable import local_path
+
+    scheme = urlparse(uri).scheme.lower()
+    if len(scheme) > 1 and scheme != "file":  # one letter is a Windows drive
+        return None
+    try:
+        return local_path(uri, Path.cwd())
+    except ValueError:
+        return None
+
+
+class DecodedImageCache:
+    """The entries of one ``CachePlan`` under ``root``. Picklable (paths and numbers only), so
+    data-loader workers read the same entries."""
+
+    def __init__(self, plan: CachePlan, root: str | Path | None = None,
+                 limit_bytes: int | None = None, first_step: Any = None):
+        self.plan = plan
+        self.folder = Path(root if root is not None else cache_root()) / plan.folder_name()
+        self.limit_bytes = max_bytes() if limit_bytes is None else int(limit_bytes)
+        # The exact plan stores the output of this step (the transform's own Resize).
+        self.first_step = first_step
+
+    # -- keys -------------------------------------------------------------------------------
+    def entry_path(self, uri: str) -> Path | None:
+        """Where the entry of ``uri`` lives; None when it cannot be cached (not a local file,
+        or the file cannot be stat'ed: the plain path then reports the problem)."""
+        path = local_file(uri)
+        if path is None:
+            return None
+        try:
+            resolved = path.resolve()
+            stat = resolved.stat()
+        except OSError:
+            return None
+        key = f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}".encode("utf-8", "surrogatepass")
+        digest = hashlib.sha256(key).hexdigest()
+        return self.folder / digest[:2] / f"{digest}.npy"
+
+    # -- reading ----------------------------------------------------------------------------
+    @staticmethod
+    def read(entry: Path):
+        """The CHW uint8 tensor (channels-last strides) of an entry, or None when absent or
+        unreadable (then the caller decodes the image)."""
+        import torch
+
+        try:
+            mapped = np.load(entry, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return None
+        if mapped.dtype != np.uint8 or mapped.ndim != 3 or mapped.shape[2] != 3:
+            return None
+        # Copied out of the mapping (a few hundred kB) so the mapping closes at once and the
+        # tensor is writable; the pages stay in the OS cache, not in this process.
+        array = np.array(mapped)
+        del mapped
+        return torch.from_numpy(array).permute(2, 0, 1)
+
+    def get(self, uri: str):
+        entry = self.entry_path(uri)
+        return None if entry is None else self.read(entry)
+
+    # -- writing ----------------------------------------------------------------------------
+    def build(self, uri: str):
+        """Decode ``uri`` (in full: a reduced-scale JPEG decode would differ more from the plain
+        path, and this runs once per image) and return the CHW uint8 tensor this plan stores;
+        DataError when the image cannot be read."""
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as F
+
+        from visiontune.data.images import hwc_tensor, load_image
+
+        pixels = hwc_tensor(load_image(uri))
+        if self.plan.kind == "exact":
+            return self.first_step(pixels)
+        side = self.plan.size[0]
+        height, width = pixels.shape[-2:]
+        scale = side / min(height, width)
+        if scale >= 1.0:
+            return pixels  # never enlarged
+        size = [max(1, round(height * scale)), max(1, round(width * scale))]
+        # torchvision's resize, as the transform's own: the stored image is what its resize
+        # would make of the full image at this size.
+        return F.resize(pixels, size, interpolation=InterpolationMode(self.plan.interpolation),
+                        antialias=True)
+
+    def write(self, entry: Path, tensor) -> int:
+        """Store a CHW uint8 tensor atomically; returns the bytes written."""
+        array = np.ascontiguousarray(tensor.permute(1, 2, 0).numpy())
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".part-", suffix=".npy")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                np.save(out, array, allow_pickle=False)
+            os.replace(tmp, entry)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return array.nbytes
+
+    def fill(self, uris: Iterable[str], workers: int | None = None) -> dict[str, int]:
+        """Create the missing entries of ``uris`` (decoding in threads: Pillow and torch release
+        the GIL). Images that cannot be read are left to the plain path, which reports them.
+        Stops adding entries at the size limit or when the disk is nearly full."""
+        todo: list[tuple[str, Path]] = []
+        stats = {"cached": 0, "added": 0, "uncachable": 0, "failed": 0, "over_limit": 0}
+        for uri in dict.fromkeys(uris):
+            entry = self.entry_path(uri)
+            if entry is None:
+                stats["uncachable"] += 1
+            elif entry.is_file():
+                stats["cached"] += 1
+            else:
+                todo.append((uri, entry))
+        if not todo:
+            return stats
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(self.folder).free
+        except OSError as exc:
+            log.warning("image cache disabled: cannot use %s (%s)", self.folder, exc)
+            stats["failed"] += len(todo)
+            return stats
+        budget = [min(self.limit_bytes - self.size_bytes(), free - FREE_SPACE_RESERVE)]
+        lock = threading.Lock()
+
+        def add(job: tuple[str, Path]) -> str:
+            uri, entry = job
+            with lock:
+                if budget[0] <= 0:
+                    return "over_limit"
+            try:
+                tensor = self.build(uri)
+            except Exception:  # DataError and friends: the plain path reports it in context
+                return "failed"
+            nbytes = tensor.numel()
+            with lock:
+                if budget[0] < nbytes:
+                    budget[0] = 0
+                    return "over_limit"
+                budget[0] -= nbytes
+            try:
+                self.write(entry, tensor)
+            except OSError:
+                return "failed"
+            return "added"
+
+        workers = workers or max(1, min(8, os.cpu_count() or 1))
+        if len(todo) > 200:
+            log.info("image cache: decoding %d image(s) once into %s", len(todo), self.folder)
+        with ThreadPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+            for outcome in pool.map(add, todo):
+                stats[outcome] += 1
+        if stats["over_limit"]:
+            log.warning("image cache: %d image(s) not cached: %s is at its size limit (%s=%s GB) "
+                        "or the disk is nearly full; they are decoded at each use", stats["over_limit"],
+                        self.folder, ENV_MAX_GB, os.environ.get(ENV_MAX_GB, DEFAULT_MAX_GB))
+        return stats
+
+    def size_bytes(self) -> int:
+        """Bytes held by this plan's entries (walks the folder once per fill)."""
+        total = 0
+        try:
+            for sub in self.folder.iterdir():
+                if sub.is_dir():
+                    for entry in sub.iterdir():
+                        try:
+                            total += entry.stat().st_size
+                        except OSError:
+                            pass
+        except OSError:
+            pass
+        return total
