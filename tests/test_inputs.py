@@ -51,7 +51,7 @@ def test_resolve_precedence_cli_over_config_over_defaults():
     values = I.resolve(I.FINETUNE_INPUTS, {"learning_rate": "0.5"}, config)
     assert values["learning_rate"] == 0.5  # command line wins
     assert values["random_seed"] == 7  # config file
-    assert values["number_of_workers"] == 8  # declared default
+    assert values["apply_augmentations"] is True  # declared default
     assert values["optimizer"] is None  # auto: left to the defaults chain
 
 

@@ -60,7 +60,7 @@ def test_names_map_onto_the_trainer_and_build_real_training_arguments(tmp_path):
                          save_total_limit="-1", max_steps="7", precision="16")
     args = TrainingArguments(**plan.training_args)
     assert args.lr_scheduler_type.value == "constant_with_warmup"
-    assert args.optim.value == "adamw_torch"
+    assert args.optim.value == "adamw_torch_fused"
     assert args.save_total_limit is None and args.max_steps == 7
     assert args.load_best_model_at_end and args.metric_for_best_model == "accuracy"
     assert args.greater_is_better and args.bf16 and not args.fp16

@@ -63,23 +63,30 @@ class ClassifierBase:
         self.threshold = check_threshold(threshold, len(classes))
         self.transform = eval_transform(preprocessing)
 
-    def logits(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
+    def batch_logits(self, batch) -> np.ndarray:
+        """Logits of one preprocessed batch (N x C x H x W float tensor); backends implement it."""
         raise NotImplementedError
 
-    def _batched(self, images: Sequence[Any], batch_size: int, run) -> np.ndarray:
-        batch_size = max(1, int(batch_size))
-        out = [run(self.tensors(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
-        if not out:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        return np.concatenate(out).astype(np.float32, copy=False)
+    def preprocess(self, image):
+        """One PIL image -> its normalised CHW tensor, by the saved evaluation transform.
+        Thread-safe, so callers may preprocess the next batch while the model runs."""
+        from visiontune.data.images import hwc_tensor
+
+        return self.transform(hwc_tensor(image))
 
     def tensors(self, images: Sequence[Any]):
         """PIL images -> one normalised batch tensor."""
         import torch
 
-        from visiontune.data.images import to_uint8_tensor
+        return torch.stack([self.preprocess(img) for img in images])
 
-        return torch.stack([self.transform(to_uint8_tensor(img)) for img in images])
+    def logits(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
+        batch_size = max(1, int(batch_size))
+        out = [self.batch_logits(self.tensors(images[i:i + batch_size]))
+               for i in range(0, len(images), batch_size)]
+        if not out:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        return np.concatenate(out).astype(np.float32, copy=False)
 
     def probabilities(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
         from visiontune.metrics import probabilities
@@ -117,10 +124,10 @@ class Classifier(ClassifierBase):
         meta_path = folder / METADATA_FILE
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        from visiontune.models.loading import accept_any_image_size
+        from visiontune.models.loading import accept_any_image_size, prefer_channels_last
 
-        self.model = accept_any_image_size(
-            AutoModelForImageClassification.from_pretrained(str(folder)).to(self.device).eval())
+        self.model = accept_any_image_size(prefer_channels_last(
+            AutoModelForImageClassification.from_pretrained(str(folder)).to(self.device).eval()))
         config = self.model.config
         task = meta.get("model_metadata", {}).get("finetuning_task")
         if task not in (MULTICLASS, MULTILABEL):
@@ -134,14 +141,11 @@ class Classifier(ClassifierBase):
         super().__init__(folder, [config.id2label[i] for i in range(config.num_labels)], task,
                          preprocessing, meta.get("multilabel_threshold"))
 
-    def logits(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
+    def batch_logits(self, batch) -> np.ndarray:
         import torch
 
-        def run(batch):
-            return self.model(pixel_values=batch.to(self.device)).logits.float().cpu().numpy()
-
         with torch.inference_mode():
-            return self._batched(images, batch_size, run)
+            return self.model(pixel_values=batch.to(self.device)).logits.float().cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------

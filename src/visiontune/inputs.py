@@ -184,8 +184,10 @@ FINETUNE_INPUTS: tuple[Input, ...] = (
           "Metric used to keep the best model; empty chooses accuracy (multi-class) or iou "
           "(multi-label).", choices=METRICS, auto=True),
     Input("apply_augmentations", "bool", "Augment the training images.", default=True),
-    Input("number_of_workers", "int", "Data loading processes; 0 loads in the main process.",
-          default=8, minimum=0),
+    Input("number_of_workers", "int",
+          "Data loading processes; 0 loads in the main process. Default: 8, at most the CPUs "
+          "per process; 0 on a CPU-only run, where workers would take the training's cores.",
+          minimum=0, auto=True),
     Input("apply_deepspeed", "bool", "Train with DeepSpeed.", default=False),
     Input("deepspeed_config", "file", "DeepSpeed JSON config; the built-in one when empty."),
     Input("apply_ort", "bool", "Use ONNX Runtime (see README: what it does in visiontune).",

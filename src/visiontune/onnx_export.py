@@ -263,9 +263,8 @@ class OnnxClassifier(ClassifierBase):
         self.session = ort.InferenceSession(str(folder / meta.get("model_file", ONNX_FILE)),
                                             providers=["CPUExecutionProvider"])
 
-    def logits(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
-        return self._batched(images, batch_size,
-                             lambda batch: self.session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0])
+    def batch_logits(self, batch) -> np.ndarray:
+        return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
 
 
 # ---------------------------------------------------------------------------------------------

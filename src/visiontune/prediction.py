@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from visiontune.errors import DataError, UserError
-from visiontune.inference import MULTILABEL, Classifier, resolve_model_dir
+from visiontune.inference import MULTILABEL, Classifier, ClassifierBase, resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -82,20 +82,25 @@ class Progress:
             self.bar.close()
 
 
-def _load(uri: str):
+def _preprocessed(classifier: ClassifierBase, uri: str):
+    """Read, decode and preprocess one image (in a loading thread: Pillow and torch release
+    the GIL); (tensor, None), or (None, why) when the image cannot be used."""
     from visiontune.data.images import load_image
 
     try:
-        return load_image(uri), None
+        return classifier.preprocess(load_image(uri)), None
     except (DataError, OSError, ValueError) as exc:
         return None, str(exc)
 
 
 def score_images(
-    classifier: Classifier, uris: Sequence[str], batch_size: int = 32, desc: str = "predict",
+    classifier: ClassifierBase, uris: Sequence[str], batch_size: int = 32, desc: str = "predict",
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Logits for each image (a NaN row where it could not be read) and the read errors by
-    position. The next batch is read by threads while the model runs on the current one."""
+    position. Threads read, decode and preprocess the next batch while the model runs on the
+    current one."""
+    import torch
+
     logits = np.full((len(uris), len(classifier.classes)), np.nan, dtype=np.float64)
     errors: dict[int, str] = {}
     starts = range(0, len(uris), batch_size)
@@ -104,21 +109,21 @@ def score_images(
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             def submit(start: int):
-                return [pool.submit(_load, u) for u in uris[start:start + batch_size]]
+                return [pool.submit(_preprocessed, classifier, u) for u in uris[start:start + batch_size]]
 
             pending = submit(starts[0]) if starts else []
             for i, start in enumerate(starts):
                 loaded = [f.result() for f in pending]
                 pending = submit(starts[i + 1]) if i + 1 < len(starts) else []
-                images, positions = [], []
-                for offset, (image, error) in enumerate(loaded):
+                items, positions = [], []
+                for offset, (item, error) in enumerate(loaded):
                     if error is None:
-                        images.append(image)
+                        items.append(item)
                         positions.append(start + offset)
                     else:
                         errors[start + offset] = error
-                if images:
-                    logits[positions] = classifier.logits(images, batch_size=len(images))
+                if items:
+                    logits[positions] = classifier.batch_logits(torch.stack(items))
                 progress.update(len(loaded))
     finally:
         progress.close()

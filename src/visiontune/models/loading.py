@@ -198,6 +198,27 @@ def accept_any_image_size(model):
     return model
 
 
+def is_cnn(model) -> bool:
+    """Built of convolutions: a CNN (or a hybrid), not a ViT, DeiT, BEiT or Swin, whose one
+    convolution is the patch embedding."""
+    import torch
+
+    return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) >= 2
+
+
+def prefer_channels_last(model):
+    """A CNN in channels-last memory format; other models as they are.
+
+    oneDNN (CPU) and cuDNN (GPU, with mixed precision) run convolutions fastest on NHWC
+    tensors; in the default NCHW format every convolution reorders its input and output.
+    Measured on 2 CPU cores: +9 % images/s for EfficientNet-Lite0 training, more in
+    inference (BENCHMARKS.md). Values equal the NCHW model's up to float rounding, and
+    ``save_pretrained`` writes the same tensors."""
+    import torch
+
+    return model.to(memory_format=torch.channels_last) if is_cnn(model) else model
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -88,7 +88,7 @@ _SECTIONS = ("fp16", "bf16", "bfloat16", "amp", "optimizer", "scheduler", "zero_
 
 # Trainer optimizer (TrainingArguments.optim) -> DeepSpeed optimizer types that run it, and the
 # hyperparameters the inputs decide for that type.
-_MATCHING_OPTIMIZERS = {"adamw_torch": ("adamw", "adam"), "adagrad": ("adagrad",)}
+_MATCHING_OPTIMIZERS = {"adamw_torch_fused": ("adamw", "adam"), "adagrad": ("adagrad",)}
 _OPTIMIZER_PARAMS = {"adamw": ("lr", "betas", "eps", "weight_decay"),
                      "adam": ("lr", "betas", "eps", "weight_decay"),
                      "adagrad": ("lr", "eps", "weight_decay")}

@@ -33,6 +33,7 @@ BASE: dict[str, Any] = {
     "metric_for_best_model": "loss",
     "label_smoothing_factor": 0.0,
     "max_grad_norm": 1.0,
+    "number_of_workers": 8,
 }
 
 PER_TASK: dict[str, dict[str, Any]] = {
