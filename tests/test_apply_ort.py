@@ -14,6 +14,7 @@ import yaml
 
 from conftest import subset
 from visiontune.cli import main
+from visiontune.errors import UserError
 from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, resolve
 from visiontune.training.finetune import finetune
 
@@ -83,9 +84,28 @@ def test_apply_ort_exports_checks_parity_and_serves_with_onnx_runtime(tiny_vit, 
     expected = Classifier(out, device="cpu").probabilities([load_image(r["image_url"]) for r in rows])
     np.testing.assert_allclose(np.array(served["probs"]), expected, atol=1e-5)
 
+    # predict and evaluate pick the export up (runtime auto), from either folder, and score
+    # like PyTorch; --runtime pytorch keeps PyTorch.
+    from visiontune.prediction import open_model
+
+    assert type(open_model(out)).__name__ == "OnnxClassifier"
+    assert type(open_model(mlf)).__name__ == "OnnxClassifier"
+    assert type(open_model(out, "pytorch")).__name__ == "Classifier"
+    scored = {}
+    for runtime in ("auto", "pytorch"):
+        target = tmp_path / f"{runtime}.jsonl"
+        assert main(["predict", "--model", str(out), "--data", str(digits[1]), "--output", str(target),
+                     "--runtime", runtime]) == 0
+        scored[runtime] = [list(json.loads(l)["probs"].values()) for l in target.read_text().splitlines()]
+    assert len(scored["auto"]) == 20
+    np.testing.assert_allclose(scored["auto"], scored["pytorch"], atol=1e-5)
+
     # A later run without apply_ort must not leave this export beside a different model.
     finetune(resolve(FINETUNE_INPUTS, {**given, "apply_ort": False, "save_as_mlflow_model": False}))
     assert not onnx_dir.exists()
+    assert type(open_model(out)).__name__ == "Classifier"
+    with pytest.raises(UserError, match="--runtime onnxruntime: .* has no ONNX export"):
+        open_model(out, "onnxruntime")
 
 
 def test_without_the_onnx_packages_apply_ort_fails_before_training(tiny_vit, digits, tmp_path,

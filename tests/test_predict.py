@@ -198,7 +198,7 @@ def test_bad_output_extension_is_a_one_line_error(digits_model, images, tmp_path
 def test_clear_errors_for_model_and_data(digits_model, tmp_path):
     with pytest.raises(UserError, match="--model: folder not found"):
         predict(model=tmp_path / "nope", data=tmp_path, output=tmp_path / "p.jsonl")
-    with pytest.raises(UserError, match="holds no model"):
+    with pytest.raises(UserError, match="no model in"):
         predict(model=tmp_path, data=tmp_path, output=tmp_path / "p.jsonl")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images found"):

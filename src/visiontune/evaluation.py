@@ -38,7 +38,7 @@ ANNOTATED_CELLS_UP_TO = 30  # classes; beyond that the counts in the cells becom
 
 def run_evaluate(values: dict[str, Any]) -> int:
     tune = values.get("tune_thresholds") or "none"
-    classifier = open_model(values["model"])
+    classifier = open_model(values["model"], values.get("runtime") or "auto")
     task = classifier.task
     if tune != "none" and task != MULTILABEL:
         raise UserError(

@@ -34,6 +34,26 @@ def resolve_model_dir(model_dir: str | Path) -> Path:
     return folder
 
 
+def model_folder(model: str | Path) -> Path:
+    """The Hugging Face folder of the ``--model`` input (a finetune PyTorch output folder, or an
+    MLflow model folder); one-line UserErrors for anything else."""
+    from visiontune.errors import UserError
+
+    path = Path(str(model)).expanduser()
+    if not path.exists():
+        raise UserError(f"--model: folder not found: {model}")
+    if not path.is_dir():
+        raise UserError(f"--model: {model} is a file; expected a model folder")
+    try:
+        folder = resolve_model_dir(path)
+    except FileNotFoundError as exc:
+        raise UserError(f"--model: {exc}") from None
+    if not (folder / "config.json").is_file():
+        raise UserError(f"--model: no model in {model} (no config.json nor MLmodel); expected the "
+                        "finetune output_dir_pytorch or output_dir_mlflow folder")
+    return folder
+
+
 def check_threshold(value: Any, num_classes: int) -> np.ndarray:
     """The saved multi-label threshold as an array: a scalar (one for all classes, 0.5 when
     unset) or one value per class, in class order."""

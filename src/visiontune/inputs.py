@@ -279,6 +279,9 @@ PIPELINE_INPUTS: tuple[Input, ...] = (
 MODEL_INPUT = Input("model", "folder", "A fine-tuned model: the PyTorch output folder or the MLflow "
                     "model folder.", required=True, azure=False)
 BATCH_INPUT = Input("batch_size", "int", "Images per forward pass.", default=32, minimum=1, azure=False)
+RUNTIME_INPUT = Input("runtime", "str", "auto: ONNX Runtime when the model has an ONNX export "
+                      "(finetune --apply_ort true) and there is no GPU, else PyTorch.",
+                      default="auto", choices=("auto", "pytorch", "onnxruntime"), azure=False)
 
 EVALUATE_INPUTS: tuple[Input, ...] = (
     MODEL_INPUT,
@@ -295,6 +298,7 @@ EVALUATE_INPUTS: tuple[Input, ...] = (
     Input("threshold_metric", "str", "The metric the tuned threshold(s) maximise.", default="f1",
           choices=("f1", "iou", "iou_macro", "iou_micro"), azure=False),
     BATCH_INPUT,
+    RUNTIME_INPUT,
     *DATA_INPUTS,
 )
 
@@ -304,6 +308,7 @@ PREDICT_INPUTS: tuple[Input, ...] = (
           "a JSON Lines or CSV file, or an MLTable folder.", required=True, azure=False),
     Input("output", "file", "Predictions file: .jsonl or .csv.", required=True, azure=False),
     BATCH_INPUT,
+    RUNTIME_INPUT,
     Input("image_column", "str", "Column of the annotation data that holds the image path or URL.",
           default="image_url", azure=False),
 )

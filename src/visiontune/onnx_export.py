@@ -34,7 +34,7 @@ import numpy as np
 
 from visiontune import __version__
 from visiontune.errors import UserError
-from visiontune.inference import MULTILABEL, Classifier, ClassifierBase, resolve_model_dir
+from visiontune.inference import MULTILABEL, Classifier, ClassifierBase, model_folder
 
 log = logging.getLogger(__name__)
 
@@ -61,24 +61,6 @@ def _require(modules: Sequence[str], what: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Export
 # ---------------------------------------------------------------------------------------------
-def find_model_folder(model: str | Path) -> Path:
-    """The Hugging Face folder of a fine-tuned model: the PyTorch output folder itself, or
-    ``artifacts/model`` inside an MLflow model folder."""
-    path = Path(str(model)).expanduser()
-    if not path.exists():
-        raise UserError(f"--model: folder not found: {model}")
-    if not path.is_dir():
-        raise UserError(f"--model: {model} is a file; expected a model folder")
-    try:
-        folder = resolve_model_dir(path)
-    except FileNotFoundError as exc:
-        raise UserError(f"--model: {exc}") from None
-    if not (folder / "config.json").is_file():
-        raise UserError(f"--model: no model in {model} (no config.json nor MLmodel); expected the "
-                        "finetune output_dir_pytorch or output_dir_mlflow folder")
-    return folder
-
-
 @contextmanager
 def _quiet_exporter():
     """Keep the exporter's pass-by-pass INFO lines out of the command's output, and the
@@ -151,7 +133,7 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, opset: int = 18) 
     if opset < MIN_OPSET:
         raise UserError(f"--opset: {opset} is not supported; torch's ONNX exporter writes opset "
                         f"{MIN_OPSET} or newer (ONNX Runtime 1.14 and later run it)")
-    source = find_model_folder(model_dir)
+    source = model_folder(model_dir)
     output_dir = Path(output_dir).expanduser()
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"--output_dir: {output_dir} is a file")
@@ -265,6 +247,40 @@ class OnnxClassifier(ClassifierBase):
 
     def batch_logits(self, batch) -> np.ndarray:
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
+
+
+def open_onnx_classifier(onnx_dir: str | Path, model_dir: str | Path | None = None) -> OnnxClassifier:
+    """ONNX Runtime scoring of an export; the multi-label threshold stays the model folder's
+    (``model_dir``), which ``visiontune evaluate --tune_thresholds`` updates in place."""
+    from visiontune.inference import METADATA_FILE as MODEL_METADATA_FILE, check_threshold
+
+    classifier = OnnxClassifier(onnx_dir)
+    if model_dir:  # where evaluate writes tuned thresholds back
+        classifier.model_dir = Path(model_dir)
+    meta_path = Path(model_dir or "") / MODEL_METADATA_FILE
+    if model_dir and meta_path.is_file():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if "multilabel_threshold" in meta:
+            classifier.threshold = check_threshold(meta["multilabel_threshold"],
+                                                   len(classifier.classes))
+    return classifier
+
+
+def find_export(model: str | Path) -> Path | None:
+    """The ONNX export that belongs to a fine-tuned model, if it has one: ``onnx/`` in the
+    PyTorch output folder (finetune --apply_ort true, or export-onnx into it), or
+    ``artifacts/onnx`` in an MLflow model folder written with it."""
+    path = Path(str(model)).expanduser()
+    for candidate in (path / ONNX_SUBDIR, path / "artifacts" / ONNX_SUBDIR):
+        if (candidate / METADATA_FILE).is_file():
+            return candidate
+    return None
+
+
+def onnxruntime_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
 
 
 # ---------------------------------------------------------------------------------------------

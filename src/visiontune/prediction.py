@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from visiontune.errors import DataError, UserError
-from visiontune.inference import MULTILABEL, Classifier, ClassifierBase, resolve_model_dir
+from visiontune.inference import MULTILABEL, Classifier, ClassifierBase, model_folder
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +35,43 @@ ERRORS_SHOWN = 5
 # ---------------------------------------------------------------------------------------------
 # Shared with evaluation
 # ---------------------------------------------------------------------------------------------
-def open_model(path: str | Path) -> Classifier:
-    """The Classifier of a fine-tuned PyTorch output folder or MLflow model folder."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise UserError(f"--model: folder not found: {path}")
+RUNTIMES = ("auto", "pytorch", "onnxruntime")
+
+
+def open_model(path: str | Path, runtime: str = "auto") -> ClassifierBase:
+    """The classifier of a fine-tuned PyTorch output folder or MLflow model folder.
+
+    ``runtime`` auto: ONNX Runtime when the model has an ONNX export (``find_export``; it
+    passed the parity check against PyTorch when it was written), onnxruntime is installed and
+    there is no GPU: 2.5x PyTorch's images/s for EfficientNet-Lite0 on the CPU (BENCHMARKS.md).
+    Otherwise PyTorch."""
+    import torch
+
+    from visiontune.onnx_export import find_export, onnxruntime_available, open_onnx_classifier
+
+    if runtime not in RUNTIMES:
+        raise UserError(f"--runtime: {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    model_dir = model_folder(path)
+    export = find_export(path)
+    if runtime == "onnxruntime":
+        if export is None:
+            raise UserError(f"--runtime onnxruntime: {path} has no ONNX export; fine-tune with "
+                            f"--apply_ort true, or run visiontune export-onnx --model {path} "
+                            f"--output_dir {Path(path) / 'onnx'}")
+        if not onnxruntime_available():
+            raise UserError('--runtime onnxruntime: onnxruntime is not installed; '
+                            'pip install "visiontune[onnx]"')
+    use_ort = runtime == "onnxruntime" or (
+        runtime == "auto" and export is not None and onnxruntime_available()
+        and not torch.cuda.is_available())
     try:
-        model_dir = resolve_model_dir(folder)
-    except FileNotFoundError as exc:
-        raise UserError(f"--model: {exc}") from None
-    if not (model_dir / "config.json").is_file():
-        raise UserError(
-            f"--model: {path} holds no model (config.json); give the PyTorch output folder of "
-            "finetune or an MLflow model folder"
-        )
-    try:
+        if use_ort:
+            log.info("scoring with ONNX Runtime (%s)", export)
+            return open_onnx_classifier(export, model_dir)
         return Classifier(model_dir)
     except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"--model: cannot load the model in {model_dir}: {exc}") from None
+        raise UserError(f"--model: cannot load the model in {export if use_ort else model_dir}: "
+                        f"{exc}") from None
 
 
 class Progress:
@@ -288,7 +307,7 @@ def run_predict(values: dict[str, Any]) -> int:
     was predicted, 1 when none could be read."""
     output = Path(values["output"])
     fmt = output_format(output)
-    classifier = open_model(values["model"])
+    classifier = open_model(values["model"], values.get("runtime") or "auto")
     items = list_images(values["data"], values.get("image_column") or "image_url")
     if not items:
         raise DataError(f"--data {values['data']}: no images found")

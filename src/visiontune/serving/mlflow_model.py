@@ -86,7 +86,9 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         self.config = ServingConfig.from_dict(getattr(context, "model_config", None))
         artifacts = context.artifacts
         if "onnx" in artifacts:
-            self.classifier = _onnx_classifier(artifacts["onnx"], artifacts.get("model"))
+            from visiontune.onnx_export import open_onnx_classifier
+
+            self.classifier = open_onnx_classifier(artifacts["onnx"], artifacts.get("model"))
         else:
             from visiontune.inference import Classifier
 
@@ -151,22 +153,6 @@ def _decode_all(values: list[Any], config: ServingConfig) -> list[Any]:
         more = f"; and {len(errors) - ERRORS_SHOWN} more" if len(errors) > ERRORS_SHOWN else ""
         raise _bad_request(f"{len(errors)} of {len(values)} image(s) cannot be used: {shown}{more}")
     return [image for image, _ in results]
-
-
-def _onnx_classifier(onnx_dir: str, model_dir: str | None):
-    """ONNX Runtime scoring; the multi-label threshold stays the model folder's, which
-    ``visiontune evaluate --tune_thresholds`` updates in place."""
-    from visiontune.inference import METADATA_FILE, check_threshold
-    from visiontune.onnx_export import OnnxClassifier
-
-    classifier = OnnxClassifier(onnx_dir)
-    meta_path = Path(model_dir or "") / METADATA_FILE
-    if model_dir and meta_path.is_file():
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if "multilabel_threshold" in meta:
-            classifier.threshold = check_threshold(meta["multilabel_threshold"],
-                                                   len(classifier.classes))
-    return classifier
 
 
 def _requirements(names) -> list[str]:
