@@ -1,0 +1,71 @@
+"""The ceiling: a model's training step on synthetic tensors already in memory.
+
+No data loading, no Trainer: forward, loss, backward, gradient clipping (the Trainer's
+``max_grad_norm`` 1.0) and an AdamW step, at the given precision and batch size. Whatever a
+real run loses against this is data loading and framework overhead. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_path", required=True)
+    parser.add_argument("--num_labels", type=int, default=8)
+    parser.add_argument("--image_size", type=int, required=True)
+    parser.add_argument("--batch_size", type=int, required=True)
+    parser.add_argument("--precision", type=int, choices=(16, 32), default=32)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--channels_last", action="store_true")
+    parser.add_argument("--fused_adamw", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (the "
+                        "first, compiling steps are reported apart)")
+    args = parser.parse_args(argv)
+
+    import torch
+    from transformers import AutoModelForImageClassification
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.disable(logging.WARNING)
+    model = AutoModelForImageClassification.from_pretrained(
+        args.model_path, num_labels=args.num_labels, ignore_mismatched_sizes=True).train()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4,
+                                  **({"fused": True} if args.fused_adamw else {"foreach": False}))
+    forward = torch.compile(model) if args.compile else model
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
+    labels = torch.randint(0, args.num_labels, (args.batch_size,), generator=generator)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == 16):
+            loss = forward(pixel_values=pixels, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    warmup_start = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    warmup_seconds = time.perf_counter() - warmup_start
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    seconds = time.perf_counter() - start
+    print(json.dumps({"images_per_second": args.steps * args.batch_size / seconds,
+                      "seconds": seconds, "steps": args.steps, "batch_size": args.batch_size,
+                      "warmup_steps": args.warmup, "warmup_seconds": warmup_seconds}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""Run ``visiontune`` (``visiontune.cli.main``, in this fresh process) with one of its speed-ups
+turned off or a loader setting changed, to measure what each is worth.
+
+    python benchmarks/levers.py nchw,foreach_adamw finetune --model_path ... (CLI args)
+
+Levers (comma-separated, or ``none``):
+
+* ``nchw``: CNNs stay in the default NCHW memory format (visiontune trains and predicts with
+  CNNs in channels-last format, ``models.loading.prefer_channels_last``).
+* ``foreach_adamw``: the ``adamw``/``adamw_hf`` inputs run as Trainer's ``adamw_torch`` (a
+  loop over tensors) instead of ``adamw_torch_fused``.
+* ``prefetch4``: the data loader keeps 4 batches per worker in flight instead of 2.
+* ``nopersist``: data-loader workers are not kept between loaders.
+"""
+
+from __future__ import annotations
+
+import sys
+
+LEVERS = ("nchw", "foreach_adamw", "prefetch4", "nopersist")
+
+
+def apply(levers: list[str]) -> None:
+    unknown = sorted(set(levers) - set(LEVERS))
+    if unknown:
+        raise SystemExit(f"unknown lever(s): {', '.join(unknown)}; known: {', '.join(LEVERS)}")
+    if "nchw" in levers:
+        from visiontune.models import loading
+
+        loading.prefer_channels_last = lambda model: model
+    if "foreach_adamw" in levers:
+        from visiontune.training import arguments
+
+        for name in ("adamw", "adamw_hf"):
+            arguments.OPTIMIZER_NAMES[name] = "adamw_torch"
+        arguments.EXTRA_OPTIM_KEYS["adamw_torch"] = arguments.EXTRA_OPTIM_KEYS["adamw_torch_fused"]
+    if "prefetch4" in levers or "nopersist" in levers:
+        from visiontune.training import arguments
+
+        original_plan = arguments.plan_training
+
+        def plan_training(*args, **kwargs):
+            plan = original_plan(*args, **kwargs)
+            if plan.training_args.get("dataloader_num_workers", 0) > 0:
+                if "prefetch4" in levers:
+                    plan.training_args["dataloader_prefetch_factor"] = 4
+                if "nopersist" in levers:
+                    plan.training_args["dataloader_persistent_workers"] = False
+            return plan
+
+        arguments.plan_training = plan_training
+        import visiontune.training.finetune as finetune_module
+
+        finetune_module.plan_training = plan_training
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        raise SystemExit(__doc__)
+    levers = [] if argv[0] in ("", "none") else argv[0].split(",")
+    apply(levers)
+    from visiontune.cli import main as cli_main
+
+    return cli_main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
