@@ -1,7 +1,7 @@
 """visiontune against the Hugging Face example recipe and against the compute ceiling, on the
 same machine, data and model, in one run. See BENCHMARKS.md for what is measured and why.
 
-    python benchmarks/run.py            # the default run (about 20 minutes on 2 CPU cores)
+    python benchmarks/run.py            # the default run (about 25 minutes on 2 CPU cores)
     python benchmarks/run.py --quick    # a smoke run: a few images, one step each
     python benchmarks/run.py --variants vt16,hf16 --repeats 5
 
@@ -40,8 +40,8 @@ PY = sys.executable
 class Settings:
     image_size: int = 128
     batch_size: int = 32
-    train_images: int = 640
-    val_images: int = 160
+    train_images: int = 1000
+    val_images: int = 200
     epochs: int = 1
     logging_steps: int = 4
     vit_image_size: int = 224
@@ -51,7 +51,7 @@ class Settings:
     vit_batch_size: int = 16
     vit_steps: int = 6
     vit_val_images: int = 48
-    predict_images: int = 400
+    predict_images: int = 1000
     ceiling_steps: int = 6
     repeats: int = 3
     vit_repeats: int = 1
