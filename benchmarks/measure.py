@@ -79,23 +79,24 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+def _proc_kb(path: str, field: str) -> int | None:
+    """The kB value of ``field`` ("Pss:", "VmRSS:") in a /proc file; None when absent."""
+    try:
+        with open(path, encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(field):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def _memory_kb(pid: int) -> int:
     """PSS of one process (RSS where smaps_rollup is unavailable), in kB."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    pss = _proc_kb(f"/proc/{pid}/smaps_rollup", "Pss:")
+    if pss is None:
+        pss = _proc_kb(f"/proc/{pid}/status", "VmRSS:")
+    return pss or 0
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import accuracy_score, jaccard_score
+from sklearn.metrics import accuracy_score
 
 from conftest import subset
 from visiontune.cli import main

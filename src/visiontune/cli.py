@@ -137,9 +137,10 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     # One log in distributed runs: the other ranks only say when something is wrong.
-    rank0 = os.environ.get("RANK", "0") == "0"
+    from visiontune.training.distributed import is_main_process
+
     logging.basicConfig(
-        level=os.environ.get("VISIONTUNE_LOG_LEVEL", "INFO") if rank0 else "WARNING",
+        level=os.environ.get("VISIONTUNE_LOG_LEVEL", "INFO") if is_main_process() else "WARNING",
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
     )
     parser = build_parser()

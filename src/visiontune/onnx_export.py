@@ -255,10 +255,11 @@ def open_onnx_classifier(onnx_dir: str | Path, model_dir: str | Path | None = No
     from visiontune.inference import METADATA_FILE as MODEL_METADATA_FILE, check_threshold
 
     classifier = OnnxClassifier(onnx_dir)
-    if model_dir:  # where evaluate writes tuned thresholds back
-        classifier.model_dir = Path(model_dir)
-    meta_path = Path(model_dir or "") / MODEL_METADATA_FILE
-    if model_dir and meta_path.is_file():
+    if not model_dir:
+        return classifier
+    classifier.model_dir = Path(model_dir)  # where evaluate writes tuned thresholds back
+    meta_path = classifier.model_dir / MODEL_METADATA_FILE
+    if meta_path.is_file():
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if "multilabel_threshold" in meta:
             classifier.threshold = check_threshold(meta["multilabel_threshold"],
@@ -295,10 +296,11 @@ def check_apply_ort() -> None:
     """Before training: the packages, then one line saying what apply_ort does here."""
     import torch
 
+    from visiontune.training import distributed
     from visiontune.training.arguments import ort_training_available
 
     _require(("onnx", "onnxscript", "onnxruntime"), "apply_ort")
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not distributed.is_main_process():
         return
     what = ("training runs in PyTorch; ONNX Runtime is used for inference: the fine-tuned model "
             f"is exported to ONNX ({ONNX_SUBDIR}/ in output_dir_pytorch), the validation set is "

@@ -199,10 +199,6 @@ class DecodedImageCache:
         del mapped
         return torch.from_numpy(array).permute(2, 0, 1)
 
-    def get(self, uri: str):
-        entry = self.entry_path(uri)
-        return None if entry is None else self.read(entry)
-
     # -- writing ----------------------------------------------------------------------------
     def build(self, uri: str):
         """Decode ``uri`` (in full: a reduced-scale JPEG decode would differ more from the plain
@@ -241,11 +237,15 @@ class DecodedImageCache:
             raise
         return array.nbytes
 
-    def fill(self, uris: Iterable[str], workers: int | None = None) -> dict[str, int]:
+    def fill(self, uris: Iterable[str],
+             workers: int | None = None) -> tuple[dict[str, int], dict[str, Path]]:
         """Create the missing entries of ``uris`` (decoding in threads: Pillow and torch release
         the GIL). Images that cannot be read are left to the plain path, which reports them.
-        Stops adding entries at the size limit or when the disk is nearly full."""
+        Stops adding entries at the size limit or when the disk is nearly full.
+
+        Returns counts by outcome, and the entry of every URI that has one now."""
         todo: list[tuple[str, Path]] = []
+        present: dict[str, Path] = {}
         stats = {"cached": 0, "added": 0, "uncachable": 0, "failed": 0, "over_limit": 0}
         for uri in dict.fromkeys(uris):
             entry = self.entry_path(uri)
@@ -253,17 +253,18 @@ class DecodedImageCache:
                 stats["uncachable"] += 1
             elif entry.is_file():
                 stats["cached"] += 1
+                present[uri] = entry
             else:
                 todo.append((uri, entry))
         if not todo:
-            return stats
+            return stats, present
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             free = shutil.disk_usage(self.folder).free
         except OSError as exc:
             log.warning("image cache disabled: cannot use %s (%s)", self.folder, exc)
             stats["failed"] += len(todo)
-            return stats
+            return stats, present
         budget = [min(self.limit_bytes - self.size_bytes(), free - FREE_SPACE_RESERVE)]
         lock = threading.Lock()
 
@@ -292,13 +293,15 @@ class DecodedImageCache:
         if len(todo) > 200:
             log.info("image cache: decoding %d image(s) once into %s", len(todo), self.folder)
         with ThreadPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-            for outcome in pool.map(add, todo):
+            for (uri, entry), outcome in zip(todo, pool.map(add, todo)):
                 stats[outcome] += 1
+                if outcome == "added":
+                    present[uri] = entry
         if stats["over_limit"]:
             log.warning("image cache: %d image(s) not cached: %s is at its size limit (%s=%s GB) "
                         "or the disk is nearly full; they are decoded at each use", stats["over_limit"],
                         self.folder, ENV_MAX_GB, os.environ.get(ENV_MAX_GB, DEFAULT_MAX_GB))
-        return stats
+        return stats, present
 
     def size_bytes(self) -> int:
         """Bytes held by this plan's entries (walks the folder once per fill)."""

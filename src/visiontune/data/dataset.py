@@ -68,13 +68,12 @@ class ImageDataset(torch.utils.data.Dataset):
     def _fill_cache(self, cache_dir: str | None) -> list[str | None]:
         steps = getattr(self.transform, "transforms", [None])
         cache = DecodedImageCache(self._plan, cache_dir, first_step=steps[0])
-        stats = cache.fill(r.image for r in self.records)
+        stats, present = cache.fill(r.image for r in self.records)
         log.info("image cache %s: %d image(s) reused, %d decoded now%s", cache.folder,
                  stats["cached"], stats["added"],
                  "".join(f", {n} {k.replace('_', ' ')}" for k, n in stats.items()
                          if k not in ("cached", "added") and n))
-        entries = [cache.entry_path(r.image) for r in self.records]
-        return [str(e) if e is not None and e.is_file() else None for e in entries]
+        return [str(present[r.image]) if r.image in present else None for r in self.records]
 
     def pixels(self, index: int) -> torch.Tensor:
         """The uint8 CHW image of item ``index`` before the transform: from the cache when it

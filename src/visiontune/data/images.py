@@ -123,11 +123,6 @@ def _read_azureml(uri: str) -> bytes:
         raise DataError(f"cannot read {uri}: {exc}") from None
 
 
-def _open(data: bytes, where: str, draft: int | None = None) -> Image.Image:
-    return _open_sized(data, where, draft)[0]
-
-
-
 def _open_sized(
     data: bytes, where: str, draft: int | None = None,
 ) -> tuple[Image.Image, tuple[int, int]]:
@@ -178,7 +173,7 @@ def decode_image(data: bytes, where: str = "", min_side: int | None = None) -> I
     ``min_side``: the caller shrinks the image to about this size anyway, so a large JPEG may
     be decoded at a reduced scale that keeps both sides >= ``min_side`` (several times faster;
     close to, not equal to, decoding in full and shrinking). None decodes at full size."""
-    image = _orient(_open(data, where, draft=min_side))
+    image = _orient(_open_sized(data, where, draft=min_side)[0])
     try:
         return to_rgb(image)
     except Exception as exc:

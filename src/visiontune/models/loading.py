@@ -211,8 +211,9 @@ def prefer_channels_last(model):
 
     oneDNN (CPU) and cuDNN (GPU, with mixed precision) run convolutions fastest on NHWC
     tensors; in the default NCHW format every convolution reorders its input and output.
-    Measured on 2 CPU cores: +10 % images/s for EfficientNet-Lite0 training (BENCHMARKS.md). Values equal the NCHW model's up to float rounding, and
-    ``save_pretrained`` writes the same tensors."""
+    Measured on 2 CPU cores: +10 % images/s for EfficientNet-Lite0 training (BENCHMARKS.md).
+    Values equal the NCHW model's up to float rounding, and ``save_pretrained`` writes the same
+    tensors."""
     import torch
 
     return model.to(memory_format=torch.channels_last) if is_cnn(model) else model

@@ -81,9 +81,9 @@ def _device_flags() -> tuple[bool, bool]:
 def choose_workers(values: dict[str, Any], sources: dict[str, str], use_cpu: bool) -> None:
     """Data-loader workers that help rather than compete.
 
-    On a CPU-only run the training's compute threads already use every core: worker
-    processes took 15-25 % of the throughput in the benchmark, while loading in the main
-    process costs a few percent of a step (decoded-image cache). So the default is 0 there;
+    On a CPU-only run the training's compute threads already use every core: 1 or 2 worker
+    processes cost 7-9 % of the throughput and about 500 MB in the benchmark, while loading in
+    the main process costs a few percent of a step (decoded-image cache). So the default is 0 there;
     a value the user gives is kept. Each process on a node loads its own batches, so no
     process gets more workers than its share of the node's CPUs."""
     if use_cpu and sources.get("number_of_workers") != "user" and values["number_of_workers"]:
@@ -298,12 +298,13 @@ def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data) -> Fine
     metrics["loss"] = float(prediction.metrics.get("eval_loss", float("nan")))
 
     # Every rank saves: under ZeRO-3 the weights are gathered from all of them (rank 0 writes).
-    update_processor_size(processor, trainer.model.config, pre)
+    timm = update_processor_size(processor, trainer.model.config, pre)
     trainer.save_model(str(out))
     mlflow_dir = None
     if trainer.is_world_process_zero():
-        _write_outputs(out, trainer, processor, pre, data, values, sources, plan.notes, metrics,
-                       base_model, metadata, describe_augmentations(pre, values["apply_augmentations"]))
+        _write_outputs(out, trainer, processor, pre, timm, data, values, sources, plan.notes,
+                       metrics, base_model, metadata,
+                       describe_augmentations(pre, values["apply_augmentations"]))
         from visiontune.onnx_export import ONNX_SUBDIR, export_and_validate
 
         onnx_dir = None
@@ -327,11 +328,12 @@ def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data) -> Fine
     return FinetuneResult(out, mlflow_dir, metrics, data.classes)
 
 
-def _write_outputs(out, trainer, processor, pre, data, values, sources, notes, metrics,
+def _write_outputs(out, trainer, processor, pre, timm, data, values, sources, notes, metrics,
                    base_model, metadata, augmentations) -> None:
+    """Everything beside the weights (saved already); ``timm``: a timm-wrapper model, whose
+    preprocessing lives in its config rather than in a processor file."""
     from visiontune.models.importer import write_model_metadata
 
-    timm = update_processor_size(processor, trainer.model.config, pre)  # weights saved already
     if timm:
         from visiontune.models.builtin import write_timm_processor_config
 
