@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from sklearn.metrics import (
@@ -285,3 +287,57 @@ def test_multilabel_with_a_single_class():
     assert tune_thresholds(probs, y, metric="iou_micro") == pytest.approx(0.5)
     # Perfect only for t in (0.3, 0.4]: grid 0.35 and 0.4 -> 0.4.
     assert tune_thresholds(np.array([[0.9], [0.4], [0.3], [0.1]]), y) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_cases_match_sklearn_everywhere(seed):
+    """Every scalar and per-class value on random cases: one to six classes, empty rows, classes
+    never true or never predicted, all-empty predictions."""
+    rng = np.random.default_rng(100 + seed)
+    n, c = int(rng.integers(1, 30)), int(rng.integers(1, 7))
+    every = list(range(c))
+    labels = rng.integers(0, c, size=n)
+    logits = rng.normal(size=(n, c))
+    m = compute_metrics(logits, labels, MC)
+    pred = logits.argmax(axis=1)
+    assert m["accuracy"] == pytest.approx(accuracy_score(labels, pred))
+    p, r, f, s = precision_recall_fscore_support(labels, pred, labels=every, zero_division=0)
+    assert [row["f1"] for row in m["per_class"]] == pytest.approx(f)
+    assert m["precision_score_macro"] == pytest.approx(np.mean(p))
+    assert m["recall_score_macro"] == pytest.approx(np.mean(r))
+
+    y = (rng.random((n, c)) < rng.uniform(0, 0.6)).astype(int)
+    logits = rng.normal(size=(n, c)) + rng.uniform(-3, 1)  # sometimes nothing is predicted
+    pred = (sigmoid(logits) >= 0.5).astype(int)
+    m = compute_metrics(logits, y, ML)
+    # scikit-learn reads a one-column indicator matrix as binary labels; an all-zero extra
+    # column, left out through labels=, makes it multi-label and changes nothing
+    y2, pred2 = (np.hstack([a, np.zeros_like(a)]) if c == 1 else a for a in (y, pred))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn's ill-defined-metric warnings
+        assert m["accuracy"] == pytest.approx(accuracy_score(y2, pred2))
+        for average, key in (("samples", "iou"), ("micro", "iou_micro"), ("macro", "iou_macro"),
+                             ("weighted", "iou_weighted")):
+            want = jaccard_score(y2, pred2, labels=every, average=average, zero_division=0)
+            assert m[key] == pytest.approx(want), key
+        p, r, f, s = precision_recall_fscore_support(y2, pred2, labels=every, zero_division=0)
+        iou = jaccard_score(y2, pred2, labels=every, average=None, zero_division=0)
+    for key, values in (("precision", p), ("recall", r), ("f1", f), ("iou", iou)):
+        assert [row[key] for row in m["per_class"]] == pytest.approx(values), key
+    assert [row["support"] for row in m["per_class"]] == list(s)
+
+
+def test_training_processes_do_not_import_sklearn():
+    """scikit-learn adds about 140 MB to a process; the metrics need none of it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "import visiontune.training.finetune, transformers.trainer\n"
+            "from visiontune.metrics import compute_metrics, tune_thresholds\n"
+            "compute_metrics(np.eye(3), np.arange(3), 'image-classification')\n"
+            "tune_thresholds(np.full((2, 2), 0.6), np.eye(2, dtype=int))\n"
+            "print('sklearn' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"

@@ -2,12 +2,14 @@
 
 Multi-class: softmax then argmax. Multi-label: sigmoid then a threshold (one for all classes or
 one per class). Metric names match the ``metric_for_best_model`` choices.
+
+Computed here from per-class counts with numpy, and tested against scikit-learn: importing
+scikit-learn would add about 140 MB to every training process, for a few divisions.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, jaccard_score, precision_recall_fscore_support
 
 from visiontune.inputs import MULTICLASS, MULTILABEL
 
@@ -64,7 +66,6 @@ def compute_metrics(
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for {num_classes} classes")
     probs = probabilities(logits, task)
-    every_class = list(range(num_classes))
 
     if task == MULTICLASS:
         y_true = np.asarray(labels)
@@ -76,30 +77,21 @@ def compute_metrics(
         if y_true.min() < 0 or y_true.max() >= num_classes:
             raise ValueError(f"labels must lie in 0..{num_classes - 1}")
         y_pred = probs.argmax(axis=1)
-        support = np.bincount(y_true, minlength=num_classes)
-        iou = None
     else:
         y_true = _multi_hot(labels, (n, num_classes))
         y_pred = (probs >= _thresholds(threshold, num_classes)).astype(np.int64)
-        support = y_true.sum(axis=0)
-        y_true, y_pred = _two_columns(y_true), _two_columns(y_pred)
-        iou = jaccard_score(y_true, y_pred, labels=every_class, average=None, zero_division=0)
-
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        y_true, y_pred, labels=every_class, average=None, zero_division=0
-    )
+    scores = _class_scores(y_true, y_pred, num_classes)
+    support, iou = scores["support"], (scores["iou"] if task == MULTILABEL else None)
+    precision, recall, f1 = scores["precision"], scores["recall"], scores["f1"]
     result: dict = {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "accuracy": _accuracy(y_true, y_pred),
         "f1_score_macro": float(np.mean(f1)),
         "precision_score_macro": float(np.mean(precision)),
         "recall_score_macro": float(np.mean(recall)),
     }
     if iou is not None:
-        for name, average in (("iou", "samples"), ("iou_micro", "micro"),
-                              ("iou_macro", "macro"), ("iou_weighted", "weighted")):
-            result[name] = float(jaccard_score(
-                y_true, y_pred, labels=every_class, average=average, zero_division=0
-            ))
+        for name in ("iou", "iou_micro", "iou_macro", "iou_weighted"):
+            result[name] = _iou_average(name, y_true, y_pred, scores)
     rows = []
     for c in range(num_classes):
         row = {"class": names[c], "precision": float(precision[c]), "recall": float(recall[c]),
@@ -126,30 +118,25 @@ def tune_thresholds(
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2:
         raise ValueError(f"probs must have shape (n, classes), got {probs.shape}")
-    y_true = _two_columns(_multi_hot(labels, probs.shape))
-    every_class = list(range(probs.shape[1]))
+    y_true = _multi_hot(labels, probs.shape)
+    num_classes = probs.shape[1]
     # Rounded so that a grid point like 0.35000000000000003 is saved and compared as 0.35.
     grid = np.round(np.asarray(grid, dtype=np.float64).ravel(), 12)
     if grid.size == 0:
         raise ValueError("grid is empty")
 
     if per_class:
-        if metric.startswith("f1"):
-            def score(pred):
-                return precision_recall_fscore_support(
-                    y_true, pred, labels=every_class, average=None, zero_division=0)[2]
-        elif metric.startswith("iou"):
-            def score(pred):
-                return jaccard_score(y_true, pred, labels=every_class, average=None,
-                                     zero_division=0)
-        else:
+        if not metric.startswith(("f1", "iou")):
             raise ValueError(f"per-class thresholds tune f1 or iou, not {metric!r}")
+        key = "f1" if metric.startswith("f1") else "iou"
+
+        def score(pred):
+            return _class_scores(y_true, pred, num_classes)[key]
     else:
-        score = _global_scorer(metric, y_true, every_class)
+        score = _global_scorer(metric, y_true, num_classes)
 
     # scores[g] holds the score(s) at grid[g]; shape (G,) or (G, C).
-    scores = np.array([score(_two_columns((probs >= t).astype(np.int64))) for t in grid],
-                      dtype=np.float64)
+    scores = np.array([score((probs >= t).astype(np.int64)) for t in grid], dtype=np.float64)
     # Sort the grid by preference (closest to 0.5, then lower) and take the first best score.
     order = np.lexsort((grid, np.abs(grid - 0.5)))
     ranked = scores[order]
@@ -158,20 +145,59 @@ def tune_thresholds(
     return chosen.astype(np.float64) if per_class else float(chosen)
 
 
-def _global_scorer(metric: str, y_true: np.ndarray, every_class: list[int]):
+def _global_scorer(metric: str, y_true: np.ndarray, num_classes: int):
     if metric in ("f1", "f1_score_macro"):
-        return lambda pred: precision_recall_fscore_support(
-            y_true, pred, labels=every_class, average="macro", zero_division=0)[2]
+        return lambda pred: float(np.mean(_class_scores(y_true, pred, num_classes)["f1"]))
     if metric == "accuracy":
-        return lambda pred: accuracy_score(y_true, pred)
-    averages = {"iou": "samples", "iou_micro": "micro", "iou_macro": "macro",
-                "iou_weighted": "weighted"}
-    if metric in averages:
-        return lambda pred: jaccard_score(
-            y_true, pred, labels=every_class, average=averages[metric], zero_division=0)
+        return lambda pred: _accuracy(y_true, pred)
+    if metric in ("iou", "iou_micro", "iou_macro", "iou_weighted"):
+        return lambda pred: _iou_average(metric, y_true, pred, _class_scores(y_true, pred, num_classes))
     raise ValueError(
         f"cannot tune a threshold for {metric!r}; use f1, f1_score_macro, accuracy or an iou metric"
     )
+
+
+def _ratio(numerator, denominator) -> np.ndarray:
+    """numerator / denominator, and 0 where the denominator is 0 (``zero_division=0``)."""
+    numerator = np.asarray(numerator, dtype=np.float64)
+    denominator = np.asarray(denominator, dtype=np.float64)
+    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
+
+
+def _class_scores(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict:
+    """Per-class counts and scores, from class indices (n,) or 0/1 indicator matrices (n, C):
+    ``tp``, ``predicted``, ``support`` (actual), ``precision``, ``recall``, ``f1``, ``iou``."""
+    if y_true.ndim == 1:
+        tp = np.bincount(y_true[y_true == y_pred], minlength=num_classes)
+        predicted = np.bincount(y_pred, minlength=num_classes)
+        support = np.bincount(y_true, minlength=num_classes)
+    else:
+        tp = (y_true.astype(bool) & y_pred.astype(bool)).sum(axis=0)
+        predicted, support = y_pred.sum(axis=0), y_true.sum(axis=0)
+    return {"tp": tp, "predicted": predicted, "support": support,
+            "precision": _ratio(tp, predicted), "recall": _ratio(tp, support),
+            "f1": _ratio(2 * tp, predicted + support), "iou": _ratio(tp, predicted + support - tp)}
+
+
+def _accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """The share of rows predicted exactly (for multi-label: every label of the row)."""
+    equal = y_true == y_pred
+    return float(np.mean(equal if equal.ndim == 1 else equal.all(axis=1)))
+
+
+def _iou_average(name: str, y_true: np.ndarray, y_pred: np.ndarray, scores: dict) -> float:
+    """Multi-label iou: per image and averaged (``iou``, scikit-learn's "samples"), or over
+    classes: ``iou_micro`` (pooled counts), ``iou_macro``, ``iou_weighted`` (by support)."""
+    if name == "iou":
+        t, p = y_true.astype(bool), y_pred.astype(bool)
+        return float(np.mean(_ratio((t & p).sum(axis=1), (t | p).sum(axis=1))))
+    if name == "iou_micro":
+        tp = scores["tp"].sum()
+        return float(_ratio([tp], [scores["predicted"].sum() + scores["support"].sum() - tp])[0])
+    if name == "iou_macro":
+        return float(np.mean(scores["iou"]))
+    support = scores["support"]
+    return float(_ratio([(scores["iou"] * support).sum()], [support.sum()])[0])
 
 
 def _thresholds(threshold: float | np.ndarray, num_classes: int) -> np.ndarray:
@@ -192,14 +218,6 @@ def _multi_hot(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if not np.isin(y, (0, 1)).all():
         raise ValueError("multi-label labels must be 0 or 1")
     return y.astype(np.int64)
-
-
-def _two_columns(indicator: np.ndarray) -> np.ndarray:
-    """scikit-learn reads an (n, 1) indicator matrix as binary labels, not multi-label. An
-    all-zero extra column, left out through ``labels=``, changes no multi-label metric."""
-    if indicator.shape[1] != 1:
-        return indicator
-    return np.hstack([indicator, np.zeros_like(indicator)])
 
 
 def _check_task(task: str) -> None:
