@@ -24,9 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--fused_adamw", action="store_true")
+    parser.add_argument("--fast_depthwise", action="store_true",
+                        help="visiontune's depthwise-convolution backward (bfloat16 on the CPU)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (the "
                         "first, compiling steps are reported apart)")
     args = parser.parse_args(argv)
+    if args.compile and args.fast_depthwise:
+        parser.error("--compile cannot trace --fast_depthwise (a TorchFunctionMode); use one")
 
     import torch
     from transformers import AutoModelForImageClassification
@@ -45,8 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
     labels = torch.randint(0, args.num_labels, (args.batch_size,), generator=generator)
 
+    from visiontune.models.depthwise import fast_depthwise
+
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == 16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == 16), \
+                fast_depthwise(args.fast_depthwise):
             loss = forward(pixel_values=pixels, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

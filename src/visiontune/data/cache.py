@@ -62,7 +62,8 @@ FREE_SPACE_RESERVE = 1 << 30  # never fill the disk below this
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
 
-def _flag(name: str, default: bool) -> bool:
+def env_flag(name: str, default: bool) -> bool:
+    """An on/off environment switch: 1/true/yes/on, 0/false/no/off, else the default."""
     value = os.environ.get(name, "").strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
@@ -72,11 +73,11 @@ def _flag(name: str, default: bool) -> bool:
 
 
 def cache_enabled() -> bool:
-    return _flag(ENV_SWITCH, DEFAULT_ENABLED)
+    return env_flag(ENV_SWITCH, DEFAULT_ENABLED)
 
 
 def draft_enabled() -> bool:
-    return _flag(ENV_DRAFT, DEFAULT_DRAFT)
+    return env_flag(ENV_DRAFT, DEFAULT_DRAFT)
 
 
 def cache_root() -> Path:

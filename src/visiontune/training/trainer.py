@@ -14,16 +14,21 @@ stays a mean, so accumulating k batches multiplied the loss and the gradient by 
 batches, the mean-then-divide loss equals the loss of one batch k times larger, and under DDP
 (gradients averaged over ranks) that of one batch world-size times larger: the same global batch
 trains the same way however it is split.
+
+The training forward pass runs under ``models.depthwise.fast_depthwise``: on the CPU in
+bfloat16, depthwise convolutions get a faster backward (1.75x for an EfficientNet-Lite0 step).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
 from transformers import Trainer
 
 from visiontune.inputs import MULTILABEL
+from visiontune.models.depthwise import fast_depthwise
 
 log = logging.getLogger("visiontune.training")
 
@@ -48,6 +53,16 @@ class VisionTrainer(Trainer):
         super().__init__(*args, **kwargs)
         # See the module docstring: mean loss per batch, divided by the accumulation steps.
         self.model_accepts_loss_kwargs = False
+
+    def compute_loss_context_manager(self) -> contextlib.ExitStack:
+        # Entered for the forward pass of each training and evaluation step (the latter under
+        # no_grad, which the fast depthwise path leaves alone). Only where it can act (bf16 on
+        # the CPU), and not under DeepSpeed or FSDP, which manage the weights the backward
+        # pass reads.
+        stack = super().compute_loss_context_manager()
+        stack.enter_context(fast_depthwise(
+            self._plain() and self.args.bf16 and self.args.device.type == "cpu"))
+        return stack
 
     def _load_weights(self, folder: str, model=None) -> None:
         model = model if model is not None else self.model

@@ -1,0 +1,197 @@
+"""The faster depthwise-convolution backward (bfloat16 on the CPU) against PyTorch's own:
+the same gradients in float64, PyTorch's outputs bit for bit, gradients within bfloat16
+rounding in training, and only where PyTorch is slow."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import TrainingArguments
+
+from conftest import subset
+from tiny_models import build_tiny_model, random_images, save_tiny_model
+from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, resolve
+from visiontune.models import depthwise
+from visiontune.models.depthwise import FastDepthwise, fast_depthwise, input_grad, weight_grad
+
+CASES = list(itertools.product((3, 5, 7), (1, 2, 3), ("same", "valid"), (11, 12)))
+
+
+def _pytorch_grads(grad_out, inputs, weight, stride, padding):
+    return torch.ops.aten.convolution_backward(
+        grad_out, inputs, weight, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0],
+        inputs.shape[1], [True, True, False])[:2]
+
+
+@pytest.mark.parametrize("kernel,stride,padding,size", CASES)
+def test_the_gradients_are_pytorchs_in_float64(kernel, stride, padding, size):
+    """Exact math: every kernel size, stride (dividing the input or not) and padding."""
+    pad = kernel // 2 if padding == "same" else 0
+    generator = torch.Generator().manual_seed(kernel * 100 + stride * 10 + size)
+    inputs = torch.randn(3, 5, size, size + 1, generator=generator, dtype=torch.float64)
+    weight = torch.randn(5, 1, kernel, kernel, generator=generator, dtype=torch.float64)
+    out = F.conv2d(inputs, weight, None, stride, pad, 1, 5)
+    grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+    want_input, want_weight = _pytorch_grads(grad_out, inputs, weight, stride, pad)
+    got_input = input_grad(grad_out, weight, (stride, stride), (pad, pad), inputs.shape[-2:])
+    got_weight = weight_grad(grad_out, inputs, (stride, stride), (pad, pad), (kernel, kernel))
+    assert got_input.shape == inputs.shape and got_weight.shape == weight.shape
+    torch.testing.assert_close(got_input, want_input, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got_weight, want_weight, rtol=0, atol=1e-12)
+
+
+def _bf16_step(inputs, weight, bias, stride, padding, grad_out, fast: bool):
+    """Outputs, gradients (input, weight, bias) and the routed count of one autocast step."""
+    leaves = [t.clone().requires_grad_() for t in (inputs, weight, bias)]
+    with torch.autocast("cpu", dtype=torch.bfloat16), fast_depthwise(fast) as mode:
+        out = F.conv2d(*leaves, stride, padding, 1, inputs.shape[1])
+    (out.float() * grad_out).sum().backward()
+    return out, [t.grad for t in leaves], mode.routed if mode else 0
+
+
+def _relative_error(got, want):
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.mark.parametrize("kernel,stride,channels_last", [
+    (5, 1, False), (5, 1, True), (3, 2, True), (5, 2, True), (7, 1, True), (7, 2, False),
+])
+def test_bfloat16_training_gives_pytorchs_outputs_and_gradients_within_rounding(
+        kernel, stride, channels_last):
+    generator = torch.Generator().manual_seed(kernel + stride)
+    inputs = torch.randn(4, 8, 12, 12, generator=generator)
+    if channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    weight = 0.2 * torch.randn(8, 1, kernel, kernel, generator=generator)
+    bias = torch.randn(8, generator=generator)
+    pad = kernel // 2
+    grad_out = torch.randn(F.conv2d(inputs, weight, bias, stride, pad, 1, 8).shape, generator=generator)
+    plain_out, plain_grads, plain_routed = _bf16_step(inputs, weight, bias, stride, pad, grad_out, False)
+    fast_out, fast_grads, routed = _bf16_step(inputs, weight, bias, stride, pad, grad_out, True)
+    assert (plain_routed, routed) == (0, 1)
+    assert torch.equal(fast_out, plain_out)  # the forward is PyTorch's own
+    # float64 gradients of the bfloat16-rounded operands: what both paths approximate
+    leaves = [t.to(torch.bfloat16).double().requires_grad_() for t in (inputs, weight, bias)]
+    (F.conv2d(*leaves, stride, pad, 1, 8) * grad_out.double()).sum().backward()
+    for name, plain, fast, leaf in zip(("input", "weight", "bias"), plain_grads, fast_grads, leaves):
+        assert fast.dtype == plain.dtype and fast.shape == plain.shape, name
+        plain_error, fast_error = _relative_error(plain, leaf.grad), _relative_error(fast, leaf.grad)
+        # bfloat16 keeps 8 bits: a few 1e-3 for both; the weight gradient rounds once more
+        # (per sample) here, so allow it 3x PyTorch's error
+        assert fast_error < 1e-2 and fast_error <= 3 * plain_error + 1e-4, (name, fast_error, plain_error)
+
+
+def _routed(call, *, dtype_autocast=True, grad=True):
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype_autocast):
+        with FastDepthwise() as mode:
+            call()
+    return mode.routed
+
+
+def test_only_the_cases_pytorch_differentiates_slowly_are_routed():
+    x = torch.randn(2, 4, 10, 10, requires_grad=True)
+    dw3, dw5 = torch.randn(4, 1, 3, 3), torch.randn(4, 1, 5, 5, requires_grad=True)
+    assert _routed(lambda: F.conv2d(x, dw5, padding=2, groups=4)) == 1   # 5x5: weight gradient
+    assert _routed(lambda: F.conv2d(x, dw3, stride=2, groups=4)) == 1    # strided: input gradient
+    assert _routed(lambda: F.conv2d(x, dw3, padding=1, groups=4)) == 0   # 3x3, stride 1: fast already
+    assert _routed(lambda: F.conv2d(x, torch.randn(4, 4, 5, 5), groups=1)) == 0   # not depthwise
+    assert _routed(lambda: F.conv2d(x, torch.randn(8, 2, 5, 5), groups=2)) == 0   # grouped, not depthwise
+    assert _routed(lambda: F.conv2d(x, dw5, dilation=2, groups=4)) == 0
+    assert _routed(lambda: F.conv2d(x, dw5, padding="same", groups=4)) == 0
+    assert _routed(lambda: F.conv2d(x, dw5, padding=2, groups=4), grad=False) == 0   # inference
+    assert _routed(lambda: F.conv2d(x, dw5, padding=2, groups=4), dtype_autocast=False) == 0  # float32
+    assert _routed(lambda: F.conv2d(x.detach(), dw5.detach(), padding=2, groups=4)) == 0  # no gradient
+    # a bfloat16 model without autocast is routed too
+    assert _routed(lambda: F.conv2d(x.bfloat16(), dw5.bfloat16(), padding=2, groups=4),
+                   dtype_autocast=False) == 1
+
+
+def test_the_environment_switch_turns_it_off(monkeypatch):
+    with fast_depthwise() as mode:
+        assert isinstance(mode, FastDepthwise)
+    monkeypatch.setenv(depthwise.ENV_SWITCH, "0")
+    with fast_depthwise() as mode:
+        assert mode is None
+    with fast_depthwise(active=False) as mode:
+        assert mode is None
+
+
+def _train_grads(model, pixels, labels, fast: bool, autocast: bool = True):
+    model = copy.deepcopy(model).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), fast_depthwise(fast) as mode:
+        loss = model(pixel_values=pixels, labels=labels).loss
+    loss.backward()
+    return loss, {n: p.grad for n, p in model.named_parameters()}, mode.routed if mode else 0
+
+
+@pytest.mark.parametrize("kind", ["timm", "convnext"])
+def test_a_models_training_step_keeps_its_loss_and_gradients(kind):
+    """A tiny EfficientNet (strided 3x3 depthwise) and ConvNeXt (7x7 depthwise), channels-last
+    as visiontune trains them: the same loss, gradients within bfloat16 rounding; in float32
+    nothing is routed and every gradient is bit-identical."""
+    from visiontune.models.loading import prefer_channels_last
+
+    model = prefer_channels_last(build_tiny_model(kind, image_size=32)[0])
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(4, 3, 32, 32, generator=generator)
+    labels = torch.randint(0, 3, (4,), generator=generator)
+    torch.manual_seed(0)
+    plain_loss, plain, _ = _train_grads(model, pixels, labels, fast=False)
+    torch.manual_seed(0)
+    fast_loss, fast, routed = _train_grads(model, pixels, labels, fast=True)
+    assert routed >= 2
+    assert torch.equal(plain_loss, fast_loss)
+    for name, grad in plain.items():
+        scale = grad.abs().max().item()
+        assert scale > 0, name
+        assert (fast[name] - grad).abs().max().item() <= 0.05 * scale, name
+    torch.manual_seed(0)
+    _, plain32, _ = _train_grads(model, pixels, labels, fast=False, autocast=False)
+    torch.manual_seed(0)
+    _, fast32, routed32 = _train_grads(model, pixels, labels, fast=True, autocast=False)
+    assert routed32 == 0 and all(torch.equal(plain32[n], fast32[n]) for n in plain32)
+
+
+@pytest.fixture
+def own_gradients(monkeypatch):
+    """The names of the gradients computed here (not by PyTorch), in call order."""
+    calls = []
+    for name in ("input_grad", "weight_grad"):
+        original = getattr(depthwise, name)
+        monkeypatch.setattr(depthwise, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    return calls
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_the_trainer_runs_its_bf16_training_forward_pass_with_it(tmp_path, own_gradients, bf16):
+    from visiontune.training.trainer import VisionTrainer
+
+    model = build_tiny_model("timm", image_size=32)[0].train()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=bf16, report_to=[])
+    trainer = VisionTrainer(model=model, args=args)
+    # (accelerate adds the autocast to the model's forward when training starts; a bf16 model
+    # without it would be routed too, so the switch must come from the Trainer's settings)
+    with trainer.compute_loss_context_manager(), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = trainer.model(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1])).loss
+    loss.backward()
+    # test_efficientnet's two strided depthwise convolutions, only when training in bf16
+    assert own_gradients.count("input_grad") == (2 if bf16 else 0)
+
+
+def test_finetune_at_precision_16_uses_it_and_saves_a_working_model(demo_dir, tmp_path, own_gradients):
+    """Through the whole finetune job: the faster gradients are computed, and the model trains
+    and saves as on the plain path."""
+    from visiontune.inference import Classifier
+    from visiontune.training.finetune import finetune
+
+    model = save_tiny_model("timm", tmp_path / "model", image_size=32)
+    train = subset(demo_dir / "digits" / "train", tmp_path / "train.jsonl", 2, per_class=True)
+    given = {"model_path": str(model), "training_data": str(train), "task_name": MULTICLASS,
+             "output_dir_pytorch": str(tmp_path / "out"), "image_height": "32", "image_width": "32",
+             "max_steps": "2", "precision": "16", "save_as_mlflow_model": "false"}
+    finetune(resolve(FINETUNE_INPUTS, given))
+    assert "input_grad" in own_gradients
+    logits = Classifier(tmp_path / "out", device="cpu").logits(random_images(2))
+    assert logits.shape == (2, 10) and torch.isfinite(torch.as_tensor(logits)).all()
