@@ -4,6 +4,7 @@
   Hugging Face model folder with ``model_selector_args.json``.
 - ``builtin``: models available offline (``efficientnet-lite0``).
 - ``loading``: the image processor and the model with a head for the training classes.
+- ``depthwise``: a faster backward for depthwise convolutions in bfloat16 on the CPU.
 """
 
 from visiontune.models.importer import (
