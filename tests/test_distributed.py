@@ -10,6 +10,7 @@ Trainer pads the last batch and must drop the padding again.
 """
 
 import json
+import math
 import os
 import signal
 import socket
@@ -309,3 +310,22 @@ def test_one_process_world_is_described_and_taken_away_again(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
     assert not distributed.start_one_process_world()  # a launcher described the group already
+
+
+def test_torchrun_bf16_cnn_with_the_fast_depthwise_backward(datasets, tmp_path):
+    """precision 16 on the CPU under DDP: the depthwise convolutions' own backward feeds DDP's
+    gradient all-reduce, and the run trains and finishes on every rank."""
+    from tiny_models import save_tiny_model
+
+    model = save_tiny_model("timm", tmp_path / "cnn", num_labels=3, image_size=32)
+    out, task = tmp_path / "bf16", MULTICLASS
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           "-m", "visiontune", "finetune",
+           *cli_args(model, datasets[task], task, out, 8, precision=16)]
+    codes, outputs, _ = run_together([(cmd, clean_env())])
+    assert codes == [0], why(outputs)
+    assert_one_log(outputs[0])
+    losses = [row["loss"] for row in history(out) if "loss" in row]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)  # 2 epochs of 3 steps
+    assert losses[-1] < losses[0]
