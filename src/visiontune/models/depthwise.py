@@ -16,9 +16,10 @@ oneDNN runs fast:
 - weight gradient: each sample's input convolved with its own output gradient as the kernel
   (dilated by the stride), summed over the batch in float32.
 
-Measured on 2 CPU cores (BENCHMARKS.md), at precision 16: the EfficientNet-Lite0 training step
-runs 1.75x faster, and a whole fine-tuning run 1.6x. Float32 and everything else keep PyTorch's own kernels, which are
-fast there: a float32 run is bit-identical with or without this.
+Measured on 2 CPU cores (BENCHMARKS.md), at precision 16: the EfficientNet-Lite0 training
+step runs 1.75x faster, and a whole fine-tuning run 1.6x. Float32 and everything else keep
+PyTorch's own kernels, which are fast there: a float32 run is bit-identical with or without
+this.
 
 Enabled while the model runs its training forward pass (``fast_depthwise()``), so the
 convolutions it records get this backward; under ``torch.no_grad`` nothing changes. Switch it
@@ -63,8 +64,8 @@ def input_grad(grad_out, weight, stride, padding, input_size):
 
 def weight_grad(grad_out, inputs, stride, padding, kernel_size):
     """The gradient of ``conv2d(inputs, weight, stride, padding, groups=C)`` for ``weight``,
-    in float32 (or float64): one depthwise convolution over all samples and channels at once, with each
-    (sample, channel) input convolved with its own output gradient."""
+    in float32 (float64 for float64 inputs): one depthwise convolution over all samples and
+    channels at once, each (sample, channel) input convolved with its own output gradient."""
     n, c, out_h, out_w = grad_out.shape
     ph, pw = padding
     if ph or pw:
@@ -72,8 +73,10 @@ def weight_grad(grad_out, inputs, stride, padding, kernel_size):
     planes = inputs.contiguous().reshape(1, n * c, inputs.shape[-2], inputs.shape[-1])
     kernels = grad_out.contiguous().reshape(n * c, 1, out_h, out_w)
     per_sample = F.conv2d(planes, kernels, dilation=stride, groups=n * c)
+    # The window positions past the kernel (when the stride does not divide) are not weights.
     per_sample = per_sample.view(n, c, *per_sample.shape[-2:])[:, :, :kernel_size[0], :kernel_size[1]]
-    return per_sample.sum(0, dtype=torch.promote_types(per_sample.dtype, torch.float32)).unsqueeze(1)
+    total = torch.promote_types(per_sample.dtype, torch.float32)
+    return per_sample.sum(0, dtype=total).unsqueeze(1)
 
 
 class _DepthwiseConv2d(torch.autograd.Function):
