@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -101,6 +102,15 @@ def parse_bool(raw: Any) -> bool:
     if text in ("false", "0", "no", "n", "off"):
         return False
     raise ValueError(raw)
+
+
+def env_flag(name: str, default: bool) -> bool:
+    """An on/off environment switch, read as ``parse_bool`` reads inputs; the default when it
+    is unset or not a boolean."""
+    try:
+        return parse_bool(os.environ.get(name, ""))
+    except ValueError:
+        return default
 
 
 def _parse_int(raw: Any) -> int:

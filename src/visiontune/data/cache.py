@@ -42,6 +42,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from visiontune.inputs import env_flag
+
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "VISIONTUNE_IMAGE_CACHE"
@@ -60,16 +62,6 @@ SHRINK_MARGIN = 2.0
 FREE_SPACE_RESERVE = 1 << 30  # never fill the disk below this
 
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
-
-
-def env_flag(name: str, default: bool) -> bool:
-    """An on/off environment switch: 1/true/yes/on, 0/false/no/off, else the default."""
-    value = os.environ.get(name, "").strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    return default
 
 
 def cache_enabled() -> bool:

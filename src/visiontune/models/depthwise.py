@@ -38,7 +38,7 @@ ENV_SWITCH = "VISIONTUNE_FAST_DEPTHWISE"
 
 
 def enabled() -> bool:
-    from visiontune.data.cache import env_flag
+    from visiontune.inputs import env_flag
 
     return env_flag(ENV_SWITCH, True)
 
