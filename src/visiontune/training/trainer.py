@@ -55,13 +55,13 @@ class VisionTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
 
     def compute_loss_context_manager(self) -> contextlib.ExitStack:
-        # Entered for the forward pass of each training and evaluation step (the latter under
-        # no_grad, which the fast depthwise path leaves alone). Only where it can act (bf16 on
-        # the CPU), and not under DeepSpeed or FSDP, which manage the weights the backward
-        # pass reads.
+        # Entered for the forward pass of each training and evaluation step; only training
+        # steps (the model in train mode) record a backward. Only where it can act (bf16 on the
+        # CPU), and not under DeepSpeed or FSDP, which manage the weights the backward reads.
         stack = super().compute_loss_context_manager()
         stack.enter_context(fast_depthwise(
-            self._plain() and self.args.bf16 and self.args.device.type == "cpu"))
+            self.model.training and self._plain() and self.args.bf16
+            and self.args.device.type == "cpu"))
         return stack
 
     def _load_weights(self, folder: str, model=None) -> None:
