@@ -211,7 +211,8 @@ def prefer_channels_last(model):
 
     oneDNN (CPU) and cuDNN (GPU, with mixed precision) run convolutions fastest on NHWC
     tensors; in the default NCHW format every convolution reorders its input and output.
-    Measured on 2 CPU cores: +10 % images/s for EfficientNet-Lite0 training (BENCHMARKS.md).
+    Measured on 2 CPU cores: +30 % images/s for EfficientNet-Lite0 training at precision 16
+    (BENCHMARKS.md).
     Values equal the NCHW model's up to float rounding, and ``save_pretrained`` writes the same
     tensors."""
     import torch

@@ -82,9 +82,9 @@ def choose_workers(values: dict[str, Any], sources: dict[str, str], use_cpu: boo
     """Data-loader workers that help rather than compete.
 
     On a CPU-only run the training's compute threads already use every core: 1 or 2 worker
-    processes cost 7-9 % of the throughput and about 500 MB in the benchmark, while loading in
-    the main process costs a few percent of a step (decoded-image cache). So the default is 0 there;
-    a value the user gives is kept. Each process on a node loads its own batches, so no
+    processes cost 4-13 % of the throughput and about 500 MB in the benchmark, more than the
+    main-process loading they would hide (about 12 % of a bf16 step, with the decoded-image
+    cache). So the default is 0 there; a value the user gives is kept. Each process on a node loads its own batches, so no
     process gets more workers than its share of the node's CPUs."""
     if use_cpu and sources.get("number_of_workers") != "user" and values["number_of_workers"]:
         values["number_of_workers"] = 0
