@@ -26,12 +26,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fused_adamw", action="store_true")
     parser.add_argument("--fast_depthwise", action="store_true",
                         help="visiontune's depthwise-convolution backward (bfloat16 on the CPU)")
+    parser.add_argument("--malloc_tuning", action="store_true",
+                        help="visiontune's glibc malloc thresholds (visiontune.malloc)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (the "
                         "first, compiling steps are reported apart)")
     args = parser.parse_args(argv)
     if args.compile and args.fast_depthwise:
         parser.error("--compile cannot trace --fast_depthwise (a TorchFunctionMode); use one")
 
+    if args.malloc_tuning:
+        from visiontune import malloc
+
+        malloc.tune()
     import torch
     from transformers import AutoModelForImageClassification
     from transformers.utils import logging as hf_logging

@@ -85,6 +85,10 @@ class Variant:
     describe: str = ""
 
 
+# The ceiling with the compute settings visiontune uses (the depthwise backward is bf16 only).
+CEIL_PLUS = "--channels_last --fused_adamw --malloc_tuning"
+
+
 def _variants() -> dict[str, Variant]:
     v: list[Variant] = [
         # a: visiontune finetune as users run it (its defaults: channels-last CNNs, fused AdamW,
@@ -99,20 +103,25 @@ def _variants() -> dict[str, Variant]:
         # c: the ceiling, plain and with the compute settings visiontune uses.
         Variant("ceil32", "ceiling", "effnet", 32, describe="synthetic step, fp32, NCHW, AdamW loop"),
         Variant("ceil16", "ceiling", "effnet", 16, describe="synthetic step, bf16, NCHW, AdamW loop"),
-        Variant("ceil32+", "ceiling", "effnet", 32, levers="--channels_last --fused_adamw",
-                describe="synthetic step, fp32, channels-last, fused AdamW"),
-        Variant("ceil16+", "ceiling", "effnet", 16, levers="--channels_last --fused_adamw --fast_depthwise",
-                describe="synthetic step, bf16, channels-last, fused AdamW, fast depthwise backward"),
-        Variant("ceil16+native-dw", "ceiling", "effnet", 16, levers="--channels_last --fused_adamw",
+        Variant("ceil32+", "ceiling", "effnet", 32, levers=CEIL_PLUS,
+                describe="synthetic step, fp32, channels-last, fused AdamW, malloc thresholds"),
+        Variant("ceil16+", "ceiling", "effnet", 16, levers=f"{CEIL_PLUS} --fast_depthwise",
+                describe="synthetic step, bf16, channels-last, fused AdamW, malloc thresholds, "
+                         "fast depthwise backward"),
+        Variant("ceil16+native-dw", "ceiling", "effnet", 16, levers=CEIL_PLUS,
                 describe="ceil16+ with PyTorch's depthwise backward"),
+        Variant("ceil16+glibc", "ceiling", "effnet", 16, levers="--channels_last --fused_adamw --fast_depthwise",
+                describe="ceil16+ with glibc's own malloc thresholds"),
         # torch.compile cannot trace the fast depthwise backward (a TorchFunctionMode), so it is
         # measured against the step without it.
-        Variant("ceil16+compile", "ceiling", "effnet", 16, levers="--channels_last --fused_adamw --compile",
+        Variant("ceil16+compile", "ceiling", "effnet", 16, levers=f"{CEIL_PLUS} --compile",
                 describe="ceil16+native-dw under torch.compile (compile time reported apart)"),
         # Levers: each of visiontune's speed-ups turned off, or a loader setting changed.
         Variant("vt16-nchw", "vt", "effnet", 16, levers="nchw", describe="vt16, CNN left in NCHW"),
         Variant("vt16-native-dw", "vt", "effnet", 16, env={"VISIONTUNE_FAST_DEPTHWISE": "0"},
                 describe="vt16 with PyTorch's depthwise-convolution backward"),
+        Variant("vt16-glibc", "vt", "effnet", 16, env={"VISIONTUNE_MALLOC_TUNING": "0"},
+                describe="vt16 with glibc's own malloc thresholds"),
         Variant("vt16-foreach", "vt", "effnet", 16, levers="foreach_adamw",
                 describe="vt16, AdamW as a loop over tensors (not fused)"),
         Variant("vt16-w1", "vt", "effnet", 16, workers=1, describe="vt16 with --number_of_workers 1"),
@@ -129,7 +138,8 @@ def _variants() -> dict[str, Variant]:
         Variant("vt16-warm", "vt", "effnet", 16, warm_cache=True,
                 describe="vt16 with the cache filled by an earlier run"),
         Variant("vt32-before", "vt", "effnet", 32, workers=8, levers="nchw,foreach_adamw",
-                env={"VISIONTUNE_IMAGE_CACHE": "0", "VISIONTUNE_JPEG_DRAFT": "0"},
+                env={"VISIONTUNE_IMAGE_CACHE": "0", "VISIONTUNE_JPEG_DRAFT": "0",
+                     "VISIONTUNE_MALLOC_TUNING": "0"},
                 describe="vt32 with every speed-up off and 8 workers (the earlier defaults)"),
         # ViT-Small (384 wide, 12 layers, 6 heads, patch 16), built from a config.
         Variant("vit-vt32", "vt", "vit", 32, describe="ViT-S: visiontune, precision 32"),
@@ -139,10 +149,10 @@ def _variants() -> dict[str, Variant]:
         Variant("vit-hf16w0", "hf", "vit", 16, workers=0, describe="ViT-S: HF recipe --bf16, 0 workers"),
         Variant("vit-ceil32", "ceiling", "vit", 32, describe="ViT-S: synthetic step, fp32"),
         Variant("vit-ceil16", "ceiling", "vit", 16, describe="ViT-S: synthetic step, bf16"),
-        Variant("vit-ceil32+", "ceiling", "vit", 32, levers="--fused_adamw",
-                describe="ViT-S: synthetic step, fp32, fused AdamW"),
-        Variant("vit-ceil16+", "ceiling", "vit", 16, levers="--fused_adamw",
-                describe="ViT-S: synthetic step, bf16, fused AdamW"),
+        Variant("vit-ceil32+", "ceiling", "vit", 32, levers="--fused_adamw --malloc_tuning",
+                describe="ViT-S: synthetic step, fp32, fused AdamW, malloc thresholds"),
+        Variant("vit-ceil16+", "ceiling", "vit", 16, levers="--fused_adamw --malloc_tuning",
+                describe="ViT-S: synthetic step, bf16, fused AdamW, malloc thresholds"),
         # Prediction.
         Variant("predict-vt", "predict", "effnet",
                 describe="visiontune predict (CLI), model trained with --apply_ort true: ONNX Runtime"),
@@ -164,9 +174,9 @@ DEFAULT_SET = ["vt32", "hf32", "vt16", "hf16", "hf16w0", "hf32w2", "ceil32", "ce
 # The smoke run: every code path (levers launcher, bf16 flags, ceiling flags, ViT, predict).
 QUICK_SET = ["vt32", "hf32", "vt16-nchw", "hf16", "ceil32", "ceil16+", "vit-vt32", "vit-hf32",
              "vit-ceil32", "predict-vt", "predict-pipeline"]
-LEVER_SET = ["vt16", "vt16-native-dw", "vt16-nchw", "vt16-foreach", "vt16-w1", "vt16-w2", "vt16-w2-nopersist",
+LEVER_SET = ["vt16", "vt16-native-dw", "vt16-glibc", "vt16-nchw", "vt16-foreach", "vt16-w1", "vt16-w2", "vt16-w2-nopersist",
              "vt16-w2-prefetch4", "vt16-nocache", "vt16-plain", "vt16-warm", "vt32", "vt32-before",
-             "ceil16+", "ceil16+native-dw", "ceil16+compile"]
+             "ceil16+", "ceil16+native-dw", "ceil16+glibc", "ceil16+compile"]
 
 
 # ---------------------------------------------------------------------------------------------

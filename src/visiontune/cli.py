@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable
 
 from visiontune import __version__
 from visiontune import inputs as I
+from visiontune import malloc
 from visiontune.errors import UserError
 
 
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
+    malloc.tune()  # before the first tensor: training and prediction allocate large ones
     given = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("command", "subcommand", "config")}
     try:
         config = I.read_config_file(getattr(args, "config", None))

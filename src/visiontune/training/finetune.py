@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from visiontune import malloc
 from visiontune.errors import UserError
 from visiontune.inputs import MULTILABEL
 from visiontune.training import distributed
@@ -286,7 +287,9 @@ def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data) -> Fine
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # MetricsLogCallback prints readable lines instead
+    malloc.release()  # what checking and caching the images freed, before the steps reuse it
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    malloc.release()
 
     # The best model is loaded at the end; evaluate it once more on the whole validation set.
     from visiontune.metrics import compute_metrics
