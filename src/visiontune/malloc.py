@@ -12,7 +12,7 @@ varying from run to run with the order of the first allocations.
 ``MALLOC_TRIM_THRESHOLD_`` environment variables set at start-up) so that blocks up to 32 MB
 come from the heap and up to 1 GB of freed heap stays mapped for the next step; ``release()``
 hands the freed heap back before and after training. Measured on 2 CPU cores (BENCHMARKS.md), at
-precision 16: page faults down from 0.75-2.1 million to 0.32-0.39 million in a one-epoch run,
+precision 16: page faults down from 0.75-2.1 million to 0.31-0.41 million in a one-epoch run,
 the bare training step 1.4x as fast, ``visiontune finetune`` 1.2x as many training images per
 second, for about 85 MB more peak memory (6 %). The CLI calls ``tune()``; Python code that
 calls visiontune's functions keeps its process's settings. Other C libraries (musl, macOS)
