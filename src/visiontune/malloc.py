@@ -10,9 +10,9 @@ varying from run to run with the order of the first allocations.
 
 ``tune()`` sets the two thresholds (what the ``MALLOC_MMAP_THRESHOLD_`` and
 ``MALLOC_TRIM_THRESHOLD_`` environment variables set at start-up) so that blocks up to 32 MB
-come from the heap and up to 1 GB of freed heap stays mapped for the next step; ``release()``
-hands the freed heap back before and after training. Measured on 2 CPU cores (BENCHMARKS.md), at
-precision 16: page faults down from 0.75-2.1 million to 0.31-0.41 million in a one-epoch run,
+come from the heap and up to 1 GB of freed heap stays mapped for the next step;
+``release()`` hands the freed heap back before and after training. Measured on 2 CPU cores
+(BENCHMARKS.md), at precision 16: page faults down from 0.75-2.1 million to 0.31-0.41 million in a one-epoch run,
 the bare training step 1.4x as fast, ``visiontune finetune`` 1.2x as many training images per
 second, for about 85 MB more peak memory (6 %). The CLI calls ``tune()``; Python code that
 calls visiontune's functions keeps its process's settings. Other C libraries (musl, macOS)
@@ -22,7 +22,7 @@ and ``VISIONTUNE_MALLOC_TUNING=0`` leave malloc as it is.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import logging
 import sys
 
@@ -36,11 +36,14 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
 _tuned: bool | None = None
 
 
+@functools.cache
 def _glibc():
+    """The C library the process runs on, when it is glibc: looked up once, in the symbols
+    already loaded (no ``find_library``, which runs ``ldconfig`` at every call)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version  # only glibc has it; musl's mallopt does nothing
     except (OSError, AttributeError):
         return None
@@ -61,8 +64,9 @@ def tune() -> bool:
 
 
 def release() -> None:
-    """Hand the freed heap back to the kernel (``malloc_trim``): after training, so that what
-    comes next (evaluation, saving, an ONNX export) does not pile up on the kept memory."""
+    """Hand the freed heap back to the kernel (``malloc_trim``) when ``tune()`` kept it: before
+    training, what checking and caching the images freed; after it, the steps' memory, so that
+    what comes next (evaluation, saving, an ONNX export) does not pile up on it."""
     libc = _glibc() if _tuned else None
     if libc is not None:
         libc.malloc_trim(0)
