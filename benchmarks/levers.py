@@ -11,13 +11,15 @@ Levers (comma-separated, or ``none``):
   loop over tensors) instead of ``adamw_torch_fused``.
 * ``prefetch4``: the data loader keeps 4 batches per worker in flight instead of 2.
 * ``nopersist``: data-loader workers are not kept between loaders.
+* ``v2_transforms``: images go through torchvision's ``v2.Compose`` (its dispatch and its hue
+  kernel) instead of ``visiontune.data.transforms.Compose``'s direct kernel calls.
 """
 
 from __future__ import annotations
 
 import sys
 
-LEVERS = ("nchw", "foreach_adamw", "prefetch4", "nopersist")
+LEVERS = ("nchw", "foreach_adamw", "prefetch4", "nopersist", "v2_transforms")
 
 
 def apply(levers: list[str]) -> None:
@@ -34,6 +36,12 @@ def apply(levers: list[str]) -> None:
         for name in ("adamw", "adamw_hf"):
             arguments.OPTIMIZER_NAMES[name] = "adamw_torch"
         arguments.EXTRA_OPTIM_KEYS["adamw_torch"] = arguments.EXTRA_OPTIM_KEYS["adamw_torch_fused"]
+    if "v2_transforms" in levers:
+        from torchvision.transforms import v2
+
+        from visiontune.data import transforms
+
+        transforms.Compose.forward = v2.Compose.forward
     if "prefetch4" in levers or "nopersist" in levers:
         from visiontune.training import arguments
 

@@ -122,6 +122,8 @@ def _variants() -> dict[str, Variant]:
                 describe="vt16 with PyTorch's depthwise-convolution backward"),
         Variant("vt16-glibc", "vt", "effnet", 16, env={"VISIONTUNE_MALLOC_TUNING": "0"},
                 describe="vt16 with glibc's own malloc thresholds"),
+        Variant("vt16-v2", "vt", "effnet", 16, levers="v2_transforms",
+                describe="vt16 with the transforms run by torchvision's v2.Compose"),
         Variant("vt16-foreach", "vt", "effnet", 16, levers="foreach_adamw",
                 describe="vt16, AdamW as a loop over tensors (not fused)"),
         Variant("vt16-w1", "vt", "effnet", 16, workers=1, describe="vt16 with --number_of_workers 1"),
@@ -137,7 +139,7 @@ def _variants() -> dict[str, Variant]:
                 describe="vt16 without the cache and without draft decoding"),
         Variant("vt16-warm", "vt", "effnet", 16, warm_cache=True,
                 describe="vt16 with the cache filled by an earlier run"),
-        Variant("vt32-before", "vt", "effnet", 32, workers=8, levers="nchw,foreach_adamw",
+        Variant("vt32-before", "vt", "effnet", 32, workers=8, levers="nchw,foreach_adamw,v2_transforms",
                 env={"VISIONTUNE_IMAGE_CACHE": "0", "VISIONTUNE_JPEG_DRAFT": "0",
                      "VISIONTUNE_MALLOC_TUNING": "0"},
                 describe="vt32 with every speed-up off and 8 workers (the earlier defaults)"),
@@ -174,7 +176,7 @@ DEFAULT_SET = ["vt32", "hf32", "vt16", "hf16", "hf16w0", "hf32w2", "ceil32", "ce
 # The smoke run: every code path (levers launcher, bf16 flags, ceiling flags, ViT, predict).
 QUICK_SET = ["vt32", "hf32", "vt16-nchw", "hf16", "ceil32", "ceil16+", "vit-vt32", "vit-hf32",
              "vit-ceil32", "predict-vt", "predict-pipeline"]
-LEVER_SET = ["vt16", "vt16-native-dw", "vt16-glibc", "vt16-nchw", "vt16-foreach", "vt16-w1", "vt16-w2", "vt16-w2-nopersist",
+LEVER_SET = ["vt16", "vt16-native-dw", "vt16-glibc", "vt16-v2", "vt16-nchw", "vt16-foreach", "vt16-w1", "vt16-w2", "vt16-w2-nopersist",
              "vt16-w2-prefetch4", "vt16-nocache", "vt16-plain", "vt16-warm", "vt32", "vt32-before",
              "ceil16+", "ceil16+native-dw", "ceil16+glibc", "ceil16+compile"]
 

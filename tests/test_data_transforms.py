@@ -9,6 +9,11 @@ from transformers import (
     ConvNextImageProcessor, MobileViTImageProcessor, TimmWrapperImageProcessor, ViTImageProcessor,
 )
 
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from visiontune.data.color import adjust_hue
 from visiontune.data.transforms import (
     IMAGENET_MEAN, IMAGENET_STD, Preprocessing, describe_augmentations, eval_transform,
     resolve_preprocessing, train_transform,
@@ -155,3 +160,73 @@ def test_processor_without_normalisation_and_bgr():
     red[0] = 255
     out = eval_transform(pre)(red)
     assert out[:, 0, 0].tolist() == [0.0, 0.0, 1.0]
+
+
+# -- the fast paths against torchvision ------------------------------------------------------
+def rgb_grid(step=3):
+    """Every RGB triple on a grid (both ends included), as a (3, N, 86) uint8 image."""
+    values = torch.arange(0, 256, step, dtype=torch.uint8)
+    return torch.cartesian_prod(values, values, values).T.reshape(3, -1, 86)
+
+
+@pytest.mark.parametrize("hue_factor", [-0.5, -0.37, -1e-7, -1e-9, 0.0, 1e-9, 0.05, 0.2, 1 / 3, 0.5])
+def test_hue_shift_is_torchvisions_to_the_bit(hue_factor):
+    """On every colour of a dense grid, greys and the saturated edges included; tiny negative
+    shifts round hues of 0 up to a full turn, which torchvision takes modulo 6 sectors."""
+    grid = rgb_grid()
+    assert torch.equal(adjust_hue(grid, hue_factor), F.adjust_hue_image(grid, hue_factor))
+    strided = grid.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # channels-last strides
+    assert torch.equal(adjust_hue(strided, hue_factor), F.adjust_hue_image(grid, hue_factor))
+
+
+def test_hue_shift_checks_its_input():
+    with pytest.raises(ValueError, match="hue_factor"):
+        adjust_hue(image(), 0.6)
+    with pytest.raises(TypeError, match="uint8"):
+        adjust_hue(image().float(), 0.1)
+    empty = torch.zeros((3, 0, 4), dtype=torch.uint8)
+    assert adjust_hue(empty, 0.1).shape == (3, 0, 4)
+
+
+def photo_crops():
+    from sklearn.datasets import load_sample_images
+
+    photos = [torch.from_numpy(p.copy()).permute(2, 0, 1) for p in load_sample_images().images]
+    # Contiguous and channels-last (as the image cache returns them), large and small.
+    return [photos[0], photos[1].contiguous(), photos[0][:, 100:180, 200:330].contiguous(),
+            image(40, 30, seed=3)]
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_compose_is_torchvisions_compose_to_the_bit(augment):
+    """Same random state in, same pixels out, same random state left: over 40 draws per image,
+    which cover crops, flips and every order of the four colour jitters."""
+    fast = train_transform(PRE, augment)
+    plain = v2.Compose(list(fast.transforms))
+    assert type(fast) is not v2.Compose  # the fast path is the one used
+    for index, picture in enumerate(photo_crops()):
+        for seed in range(40):
+            torch.manual_seed(1000 * index + seed)
+            expected = plain(picture)
+            after_plain = torch.rand(1)
+            torch.manual_seed(1000 * index + seed)
+            got = fast(picture)
+            assert torch.equal(got, expected) and got.dtype == expected.dtype
+            assert torch.equal(torch.rand(1), after_plain)
+
+
+def test_compose_leaves_other_inputs_to_torchvision():
+    fast = train_transform(PRE, augment=True)
+    plain = v2.Compose(list(fast.transforms))
+    picture = tv_tensors.Image(image(60, 80))
+    torch.manual_seed(0)
+    expected = plain(picture)
+    torch.manual_seed(0)
+    got = fast(picture)
+    assert isinstance(got, tv_tensors.Image) and torch.equal(got, expected)
+    pair = (image(60, 80), torch.tensor(3))  # more than one input: v2's own path
+    torch.manual_seed(0)
+    expected = plain(*pair)
+    torch.manual_seed(0)
+    got = fast(*pair)
+    assert torch.equal(got[0], expected[0]) and int(got[1]) == 3
