@@ -217,6 +217,32 @@ def test_a_corrupt_entry_is_ignored(photo_files, tmp_path):
     assert torch.equal(ds[0]["pixel_values"], plain[0]["pixel_values"])
 
 
+def test_entries_read_back_as_written_and_truncated_ones_are_ignored(tmp_path):
+    """The header-matching reader against np.load, and its fallbacks."""
+    cache = DecodedImageCache(plan_for(eval_transform(PRE)), tmp_path)
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1, 3), (96, 112, 3), (257, 1003, 3), (12000, 2, 3)]:
+        pixels = torch.from_numpy(rng.integers(0, 256, shape, dtype=np.uint8)).permute(2, 0, 1)
+        entry = tmp_path / f"{shape[0]}x{shape[1]}.npy"
+        cache.write(entry, pixels)
+        read = DecodedImageCache.read(entry)
+        assert read.dtype == torch.uint8 and torch.equal(read, pixels)
+        assert read.permute(1, 2, 0).is_contiguous()  # channels-last strides, as documented
+    # Not what an entry holds: a different header goes through np.load and is then refused.
+    other = tmp_path / "other.npy"
+    np.save(other, np.zeros((4, 5), np.float32))
+    assert DecodedImageCache.read(other) is None
+    fortran = tmp_path / "fortran.npy"
+    np.save(fortran, np.asfortranarray(rng.integers(0, 256, (6, 7, 3), dtype=np.uint8)))
+    assert torch.equal(DecodedImageCache.read(fortran),
+                       torch.from_numpy(np.load(fortran).copy()).permute(2, 0, 1))
+    whole = (tmp_path / "96x112.npy").read_bytes()
+    truncated = tmp_path / "truncated.npy"
+    truncated.write_bytes(whole[:-1])
+    assert DecodedImageCache.read(truncated) is None
+    assert DecodedImageCache.read(tmp_path / "missing.npy") is None
+
+
 def test_data_loader_workers_read_the_cache(photo_files, tmp_path):
     ds = dataset(photo_files, eval_transform(PRE), True, tmp_path)
     loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2)
