@@ -9,8 +9,8 @@ bitwise (``where`` and fancy indexing branch per element), ``fmod``/``remainder`
 subtractions that are exact on the ranges involved, and divisions by a masked denominator
 become divisions by ``max(x, smallest subnormal)``, equal wherever it matters. Every float32
 operation that produces a pixel's value is the same, so the output is identical to the bit
-(``tests/test_data_transforms.py`` compares the two on random and real images), in about a
-fifth of the time.
+(``tests/test_data_transforms.py`` compares the two on every colour of a dense grid), in
+about a third of the time.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ _CHANNEL_PLANS = tuple(
 )
 
 
-def _bits(mask: np.ndarray) -> np.ndarray:
-    """A boolean mask as int32 all-ones / all-zeros, for branch-free selection."""
-    return np.negative(mask.view(np.int8), dtype=np.int32)
+def _bits(mask: np.ndarray, dtype=np.int32) -> np.ndarray:
+    """A boolean mask as all-ones / all-zeros integers of ``dtype``, for branch-free selection."""
+    return np.negative(mask.view(np.int8)).astype(dtype, copy=False)  # True -> -1: every bit set
 
 
 def _select(bits: np.ndarray, if_set: np.ndarray, otherwise: np.ndarray) -> np.ndarray:
@@ -47,12 +47,17 @@ def _select(bits: np.ndarray, if_set: np.ndarray, otherwise: np.ndarray) -> np.n
     return chosen.view(np.float32)
 
 
+def supports(image: torch.Tensor) -> bool:
+    """Whether ``adjust_hue`` takes ``image``: a uint8 RGB image (3, H, W)."""
+    return image.dtype == torch.uint8 and image.ndim == 3 and image.shape[0] == 3
+
+
 def adjust_hue(image: torch.Tensor, hue_factor: float) -> torch.Tensor:
     """Shift the hue of a uint8 RGB image (3, H, W) by ``hue_factor`` turns, in [-0.5, 0.5].
     Same output as ``torchvision.transforms.v2.functional.adjust_hue_image``."""
     if not -0.5 <= hue_factor <= 0.5:
         raise ValueError(f"hue_factor ({hue_factor}) is not in [-0.5, 0.5].")
-    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+    if not supports(image):
         raise TypeError("adjust_hue takes a uint8 (3, H, W) image")
     if image.numel() == 0:
         return image
@@ -103,7 +108,7 @@ def adjust_hue(image: torch.Tensor, hue_factor: float) -> torch.Tensor:
     in_sector = [sector == k for k in range(6)]
     in_sector[0] |= sector == 6  # h rounds up to 1.0 for tiny negative shifts; torchvision
     # takes the sector modulo 6
-    in_sector = [np.negative(mask.view(np.int8)).view(np.uint8) for mask in in_sector]
+    in_sector = [_bits(mask, np.uint8) for mask in in_sector]
     out = np.zeros(pixels.shape, np.uint8)
     for chosen, plan in zip(out, _CHANNEL_PLANS):
         for source, sectors in plan:
