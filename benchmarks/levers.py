@@ -13,13 +13,15 @@ Levers (comma-separated, or ``none``):
 * ``nopersist``: data-loader workers are not kept between loaders.
 * ``v2_transforms``: images go through torchvision's ``v2.Compose`` (its dispatch and its hue
   kernel) instead of ``visiontune.data.transforms.Compose``'s direct kernel calls.
+* ``glibc_arenas``: malloc keeps glibc's own arena count (``visiontune.malloc`` sets one
+  arena); its thresholds stay tuned.
 """
 
 from __future__ import annotations
 
 import sys
 
-LEVERS = ("nchw", "foreach_adamw", "prefetch4", "nopersist", "v2_transforms")
+LEVERS = ("nchw", "foreach_adamw", "prefetch4", "nopersist", "v2_transforms", "glibc_arenas")
 
 
 def apply(levers: list[str]) -> None:
@@ -42,6 +44,10 @@ def apply(levers: list[str]) -> None:
         from visiontune.data import transforms
 
         transforms.Compose.forward = v2.Compose.forward
+    if "glibc_arenas" in levers:
+        from visiontune import malloc
+
+        malloc.ARENA_MAX = 0  # glibc's mallopt ignores 0 for M_ARENA_MAX (and reports success)
     if "prefetch4" in levers or "nopersist" in levers:
         from visiontune.training import arguments
 
