@@ -122,6 +122,10 @@ def _variants() -> dict[str, Variant]:
                 describe="vt16 with PyTorch's depthwise-convolution backward"),
         Variant("vt16-glibc", "vt", "effnet", 16, env={"VISIONTUNE_MALLOC_TUNING": "0"},
                 describe="vt16 with glibc's own malloc thresholds"),
+        Variant("vt16-arenas", "vt", "effnet", 16, levers="glibc_arenas",
+                describe="vt16 with glibc's own number of malloc arenas (thresholds still tuned)"),
+        Variant("vt16-triton", "vt", "effnet", 16, env={"VISIONTUNE_SKIP_TRITON": "0"},
+                describe="vt16 with triton loaded, as torch._dynamo's imports load it"),
         Variant("vt16-v2", "vt", "effnet", 16, levers="v2_transforms",
                 describe="vt16 with the transforms run by torchvision's v2.Compose"),
         Variant("vt16-foreach", "vt", "effnet", 16, levers="foreach_adamw",
@@ -141,7 +145,7 @@ def _variants() -> dict[str, Variant]:
                 describe="vt16 with the cache filled by an earlier run"),
         Variant("vt32-before", "vt", "effnet", 32, workers=8, levers="nchw,foreach_adamw,v2_transforms",
                 env={"VISIONTUNE_IMAGE_CACHE": "0", "VISIONTUNE_JPEG_DRAFT": "0",
-                     "VISIONTUNE_MALLOC_TUNING": "0"},
+                     "VISIONTUNE_MALLOC_TUNING": "0", "VISIONTUNE_SKIP_TRITON": "0"},
                 describe="vt32 with every speed-up off and 8 workers (the earlier defaults)"),
         # ViT-Small (384 wide, 12 layers, 6 heads, patch 16), built from a config.
         Variant("vit-vt32", "vt", "vit", 32, describe="ViT-S: visiontune, precision 32"),
@@ -176,7 +180,7 @@ DEFAULT_SET = ["vt32", "hf32", "vt16", "hf16", "hf16w0", "hf32w2", "ceil32", "ce
 # The smoke run: every code path (levers launcher, bf16 flags, ceiling flags, ViT, predict).
 QUICK_SET = ["vt32", "hf32", "vt16-nchw", "hf16", "ceil32", "ceil16+", "vit-vt32", "vit-hf32",
              "vit-ceil32", "predict-vt", "predict-pipeline"]
-LEVER_SET = ["vt16", "vt16-native-dw", "vt16-glibc", "vt16-v2", "vt16-nchw", "vt16-foreach", "vt16-w1", "vt16-w2", "vt16-w2-nopersist",
+LEVER_SET = ["vt16", "vt16-native-dw", "vt16-glibc", "vt16-arenas", "vt16-triton", "vt16-v2", "vt16-nchw", "vt16-foreach", "vt16-w1", "vt16-w2", "vt16-w2-nopersist",
              "vt16-w2-prefetch4", "vt16-nocache", "vt16-plain", "vt16-warm", "vt32", "vt32-before",
              "ceil16+", "ceil16+native-dw", "ceil16+glibc", "ceil16+compile"]
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 
 from visiontune import __version__
 from visiontune import inputs as I
-from visiontune import malloc
+from visiontune import cpu_only, malloc
 from visiontune.errors import UserError
 
 
@@ -106,6 +106,7 @@ COMMANDS: dict[str, tuple[str, Iterable[I.Input], Callable[[dict[str, Any]], int
     "demo-data": ("Write the demo datasets (handwritten digits; multi-label digit mosaics).",
                   I.DEMO_INPUTS, _demo_data, False),
 }
+WITHOUT_TORCH = {"data check", "demo-data"}  # the rest import torch anyway
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = I.read_config_file(getattr(args, "config", None))
         values = I.resolve(args._specs, given, config)
+        if args._name not in WITHOUT_TORCH:
+            cpu_only.skip_triton()  # before torchvision and transformers import torch._dynamo
         return int(args._handler(values) or 0)
     except UserError as exc:
         print(f"visiontune {args._name}: error: {exc}", file=sys.stderr)
