@@ -33,9 +33,9 @@ print(json.dumps({"tuned": tuned, "faults": faults}))
 needs_glibc = pytest.mark.skipif(malloc._glibc() is None, reason="glibc only")
 
 
-def _run(switch: str) -> dict:
+def _run(switch: str, script: str = STEPS) -> dict:
     env = dict(os.environ, **{malloc.ENV_SWITCH: switch})
-    done = subprocess.run([sys.executable, "-c", STEPS], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=120, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -115,11 +115,6 @@ print(json.dumps({"grew": rss_mb() - before}))
 def test_memory_another_thread_freed_serves_the_main_thread():
     # glibc's own arenas: the thread's freed blocks are unmapped or stay in its own arena, so
     # the main thread's 120 MB are new pages; one arena hands it the thread's blocks.
-    grew = {}
-    for switch in ("1", "0"):
-        env = dict(os.environ, **{malloc.ENV_SWITCH: switch})
-        done = subprocess.run([sys.executable, "-c", ARENAS], env=env, capture_output=True,
-                              text=True, timeout=120, check=True)
-        grew[switch] = json.loads(done.stdout.strip().splitlines()[-1])["grew"]
+    grew = {switch: _run(switch, ARENAS)["grew"] for switch in ("1", "0")}
     assert grew["0"] > 100
     assert grew["1"] < 20
