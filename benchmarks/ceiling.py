@@ -55,29 +55,41 @@ def main(argv: list[str] | None = None) -> int:
     pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
     labels = torch.randint(0, args.num_labels, (args.batch_size,), generator=generator)
 
+    step = make_step(model, forward, optimizer, pixels, labels, args.precision == 16, args.fast_depthwise)
+    print(json.dumps(time_steps(step, args.warmup, args.steps, args.batch_size)))
+    return 0
+
+
+def make_step(model, forward, optimizer, pixels, labels, bf16: bool, fast_depthwise_on: bool):
+    """One training step on fixed tensors: forward and loss (bf16 autocast when asked), backward,
+    clipping to norm 1.0, the optimizer's step."""
+    import torch
+
     from visiontune.models.depthwise import fast_depthwise
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == 16), \
-                fast_depthwise(args.fast_depthwise):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), fast_depthwise(fast_depthwise_on):
             loss = forward(pixel_values=pixels, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def time_steps(step, warmup: int, steps: int, batch_size: int) -> dict:
+    """Runs ``warmup`` untimed steps, then ``steps`` timed ones; the rate and the timings."""
     warmup_start = time.perf_counter()
-    for _ in range(args.warmup):
+    for _ in range(warmup):
         step()
     warmup_seconds = time.perf_counter() - warmup_start
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         step()
     seconds = time.perf_counter() - start
-    print(json.dumps({"images_per_second": args.steps * args.batch_size / seconds,
-                      "seconds": seconds, "steps": args.steps, "batch_size": args.batch_size,
-                      "warmup_steps": args.warmup, "warmup_seconds": warmup_seconds}))
-    return 0
+    return {"images_per_second": steps * batch_size / seconds, "seconds": seconds, "steps": steps,
+            "batch_size": batch_size, "warmup_steps": warmup, "warmup_seconds": warmup_seconds}
 
 
 if __name__ == "__main__":

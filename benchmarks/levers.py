@@ -15,13 +15,21 @@ Levers (comma-separated, or ``none``):
   kernel) instead of ``visiontune.data.transforms.Compose``'s direct kernel calls.
 * ``glibc_arenas``: malloc keeps glibc's own arena count (``visiontune.malloc`` sets one
   arena); its thresholds stay tuned.
+* ``ceiling_in_process``: not a speed-up turned off but a measurement added. Right before and
+  right after training, this same process times the ceiling's step (``ceiling.py``) on a copy
+  of the model being trained, with visiontune's compute settings, synthetic tensors of the
+  training batch's shape and a fused AdamW of its own; the rates go, one JSON line each, to
+  the file named by ``BENCH_CEILING_FILE``. Training is unchanged (the copy and its optimizer
+  are dropped and the heap trimmed before the first step), so the run's own rate over the two
+  ceiling rates is an a/c that the machine's drift between processes does not move.
 """
 
 from __future__ import annotations
 
 import sys
 
-LEVERS = ("nchw", "foreach_adamw", "prefetch4", "nopersist", "v2_transforms", "glibc_arenas")
+LEVERS = ("nchw", "foreach_adamw", "prefetch4", "nopersist", "v2_transforms", "glibc_arenas",
+          "ceiling_in_process")
 
 
 def apply(levers: list[str]) -> None:
@@ -48,6 +56,8 @@ def apply(levers: list[str]) -> None:
         from visiontune import malloc
 
         malloc.ARENA_MAX = 0  # glibc's mallopt ignores 0 for M_ARENA_MAX (and reports success)
+    if "ceiling_in_process" in levers:
+        _time_ceiling_around_training()
     if "prefetch4" in levers or "nopersist" in levers:
         from visiontune.training import arguments
 
@@ -66,6 +76,56 @@ def apply(levers: list[str]) -> None:
         import visiontune.training.finetune as finetune_module
 
         finetune_module.plan_training = plan_training
+
+
+def _time_ceiling_around_training() -> None:
+    import copy
+    import gc
+    import json
+    import os
+
+    import ceiling
+    from visiontune import malloc
+    from visiontune.training import trainer as trainer_module
+
+    target = os.environ["BENCH_CEILING_FILE"]
+    steps = int(os.environ.get("BENCH_CEILING_STEPS", "12"))
+    original_train = trainer_module.VisionTrainer.train
+
+    def time_ceiling(trainer, when: str) -> None:
+        import torch
+
+        # The sample's augmentation and the copy's dropout draw from torch's random state;
+        # training starts from the state it would have had.
+        with torch.random.fork_rng(devices=[]):
+            result = _time(trainer)
+        with open(target, "a") as f:
+            f.write(json.dumps({"when": when, **result}) + "\n")
+        gc.collect()
+        malloc.release()
+
+    def _time(trainer) -> dict:
+        import torch
+
+        model = copy.deepcopy(trainer.model).train()  # channels-last stays channels-last
+        batch = trainer.args.per_device_train_batch_size
+        shape = trainer.train_dataset[0]["pixel_values"].shape
+        generator = torch.Generator().manual_seed(0)
+        pixels = torch.randn(batch, *shape, generator=generator)
+        labels = torch.randint(0, model.config.num_labels, (batch,), generator=generator)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, fused=True)
+        bf16 = bool(trainer.args.bf16)
+        step = ceiling.make_step(model, model, optimizer, pixels, labels, bf16,
+                                 bf16 and trainer.args.device.type == "cpu")
+        return ceiling.time_steps(step, 2, steps, batch)
+
+    def train(self, *args, **kwargs):
+        time_ceiling(self, "before")
+        output = original_train(self, *args, **kwargs)
+        time_ceiling(self, "after")
+        return output
+
+    trainer_module.VisionTrainer.train = train
 
 
 def main(argv: list[str]) -> int:

@@ -85,6 +85,7 @@ class Variant:
     describe: str = ""
 
 
+CEILING_FILE = "ceiling_in_process.jsonl"  # written by levers.py ceiling_in_process
 # The ceiling with the compute settings visiontune uses (the depthwise backward is bf16 only).
 CEIL_PLUS = "--channels_last --fused_adamw --malloc_tuning"
 
@@ -128,6 +129,12 @@ def _variants() -> dict[str, Variant]:
                 describe="vt16 with triton loaded, as torch._dynamo's imports load it"),
         Variant("vt16-v2", "vt", "effnet", 16, levers="v2_transforms",
                 describe="vt16 with the transforms run by torchvision's v2.Compose"),
+        # a and c in one process: the ceiling's step timed right before and after training.
+        Variant("vt16+c", "vt", "effnet", 16, levers="ceiling_in_process",
+                describe="vt16, with the ceiling's step timed in the same process before and after "
+                         "training (its peak memory includes the ceiling's)"),
+        Variant("vt32+c", "vt", "effnet", 32, levers="ceiling_in_process",
+                describe="vt32, with the ceiling's step timed in the same process"),
         Variant("vt16-foreach", "vt", "effnet", 16, levers="foreach_adamw",
                 describe="vt16, AdamW as a loop over tensors (not fused)"),
         Variant("vt16-w1", "vt", "effnet", 16, workers=1, describe="vt16 with --number_of_workers 1"),
@@ -174,11 +181,11 @@ def _variants() -> dict[str, Variant]:
 
 VARIANTS = _variants()
 DEFAULT_SET = ["vt32", "hf32", "vt16", "hf16", "hf16w0", "hf32w2", "ceil32", "ceil16", "ceil32+",
-               "ceil16+", "ceil16+native-dw", "vit-vt32", "vit-hf32", "vit-vt16", "vit-hf16w0", "vit-ceil32+",
+               "ceil16+", "ceil16+native-dw", "vt32+c", "vt16+c", "vit-vt32", "vit-hf32", "vit-vt16", "vit-hf16w0", "vit-ceil32+",
                "vit-ceil16+", "predict-vt", "predict-vt-pytorch", "predict-pipeline",
                "predict-pipeline-b32"]
 # The smoke run: every code path (levers launcher, bf16 flags, ceiling flags, ViT, predict).
-QUICK_SET = ["vt32", "hf32", "vt16-nchw", "hf16", "ceil32", "ceil16+", "vit-vt32", "vit-hf32",
+QUICK_SET = ["vt32", "hf32", "vt16", "vt16-nchw", "vt16+c", "hf16", "ceil32", "ceil16+", "vit-vt32", "vit-hf32",
              "vit-ceil32", "predict-vt", "predict-pipeline"]
 LEVER_SET = ["vt16", "vt16-native-dw", "vt16-glibc", "vt16-arenas", "vt16-triton", "vt16-v2", "vt16-nchw", "vt16-foreach", "vt16-w1", "vt16-w2", "vt16-w2-nopersist",
              "vt16-w2-prefetch4", "vt16-nocache", "vt16-plain", "vt16-warm", "vt32", "vt32-before",
@@ -366,6 +373,20 @@ def read_vt(out: Path, job: Job) -> dict[str, Any]:
             "accuracy": evals.get("accuracy")}
 
 
+def read_ceiling_in_process(out: Path, steady: float | None) -> dict[str, Any]:
+    """The ceiling's rates timed before and after training in the run's own process
+    (``levers.py ceiling_in_process``), and the run's steady rate over their mean."""
+    path = out / CEILING_FILE
+    if not path.is_file():
+        return {}
+    rates = {r["when"]: r["images_per_second"] for r in map(json.loads, path.read_text().splitlines())}
+    ceiling = statistics.mean(rates.values())
+    return {"ceiling_before_images_per_s": rates.get("before"),
+            "ceiling_after_images_per_s": rates.get("after"),
+            "ceiling_images_per_s": ceiling,
+            "steady_over_ceiling": steady / ceiling if steady else None}
+
+
 def read_hf(out: Path, job: Job) -> dict[str, Any]:
     model = out / "model"
     train = json.loads((model / "train_results.json").read_text())
@@ -439,6 +460,9 @@ class Bench:
             out.mkdir(parents=True)
             env = child_env({"VISIONTUNE_IMAGE_CACHE_DIR": str(out / "vt_cache"),
                              "HF_DATASETS_CACHE": str(out / "hf_cache"), **v.env})
+            if "ceiling_in_process" in v.levers:
+                env.update(BENCH_CEILING_FILE=str(out / CEILING_FILE),
+                           BENCH_CEILING_STEPS=str(self.s.ceiling_steps))
             if v.side == "vt":
                 cmd = vt_command(job, self.models, out, self.s)
                 if v.warm_cache:  # an earlier run filled the cache; only the second is measured
@@ -487,6 +511,7 @@ class Bench:
             row["wall_images_per_s"] = trained / m.wall_s
         if v.side == "vt":
             row.update(read_vt(out, job))
+            row.update(read_ceiling_in_process(out, row["steady_images_per_s"]))
             if v.model == "effnet" and self.predict_model is None and not v.levers:
                 self.predict_model = out / "model"
         elif v.side == "hf":
@@ -587,6 +612,9 @@ def ratios(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
                  ("hf32", "ceil32"), ("hf16w0", "ceil16"),
                  ("vit-vt32", "vit-ceil32+"), ("vit-vt16", "vit-ceil16+")):
         out[f"{a}/{c} (steady)"] = _ratio(get(a, "steady_images_per_s"), get(c, "steady_images_per_s"))
+    for name in ("vt16+c", "vt32+c"):
+        # The median of each run's own ratio (not a ratio of medians): a and c share a process.
+        out[f"{name}: a/c in one process (steady / ceiling)"] = get(name, "steady_over_ceiling")
     for a, b in (("predict-vt", "predict-pipeline"), ("predict-vt", "predict-pipeline-b32"),
                  ("predict-vt-pytorch", "predict-pipeline"), ("predict-vt-pytorch", "predict-pipeline-b32")):
         out[f"{a} / {b} (scoring)"] = _ratio(get(a, "score_images_per_s"), get(b, "score_images_per_s"))
@@ -619,7 +647,8 @@ def agreement(results: dict[str, list[dict[str, Any]]]) -> float | None:
 
 COLUMNS = [("train_images_per_s", "train img/s"), ("steady_images_per_s", "steady img/s"),
            ("wall_images_per_s", "wall img/s"),
-           ("score_images_per_s", "score img/s"), ("wall_s", "wall s"),
+           ("score_images_per_s", "score img/s"), ("ceiling_images_per_s", "c in process img/s"),
+           ("wall_s", "wall s"),
            ("peak_tree_mb", "peak MB (PSS)"), ("peak_rss_mb", "max RSS MB"), ("accuracy", "val acc"),
            ("runs", "runs")]
 

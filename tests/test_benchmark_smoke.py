@@ -29,6 +29,15 @@ def test_steady_rate_leaves_out_evaluations():
     assert bench._steady_rate(records, batch_size=2) == 4 * 2 * 2 / 4.0
 
 
+def test_ceiling_in_process_ratio_is_the_runs_rate_over_the_mean_of_both_ceilings(tmp_path):
+    lines = [{"when": "before", "images_per_second": 60.0}, {"when": "after", "images_per_second": 40.0}]
+    (tmp_path / bench.CEILING_FILE).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    row = bench.read_ceiling_in_process(tmp_path, steady=45.0)
+    assert row["ceiling_images_per_s"] == 50.0 and row["steady_over_ceiling"] == 0.9
+    assert (row["ceiling_before_images_per_s"], row["ceiling_after_images_per_s"]) == (60.0, 40.0)
+    assert bench.read_ceiling_in_process(tmp_path / "elsewhere", steady=45.0) == {}
+
+
 def test_quick_benchmark_runs_end_to_end(tmp_path):
     output = tmp_path / "results.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
@@ -52,7 +61,18 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
             assert row["steady_images_per_s"] > 0, name
         else:
             assert row["end_to_end_images_per_s"] > 0, name
+    # a and c timed in one process: the ceiling before and after training, and the ratio.
+    in_process = medians["vt16+c"]
+    assert in_process["ceiling_before_images_per_s"] > 0 and in_process["ceiling_after_images_per_s"] > 0
+    # ... without changing the training: the same losses as vt16's, step for step.
+    def losses(name: str) -> list[float]:
+        (run_dir,) = (tmp_path / "work" / "runs").glob(f"*-{name}")
+        records = map(json.loads, (run_dir / "model" / "metrics.jsonl").read_text().splitlines())
+        return [r["loss"] for r in records if "loss" in r]
+
+    assert losses("vt16") and losses("vt16+c") == losses("vt16")
     ratios = data["ratios"]
+    assert ratios["vt16+c: a/c in one process (steady / ceiling)"] == in_process["steady_over_ceiling"] > 0
     assert any(key.startswith("a/b fp32 defaults") for key in ratios)
     assert "predict-vt / predict-pipeline (end to end)" in ratios
     assert any("/ceil" in key for key in ratios)  # a/c

@@ -68,7 +68,7 @@ def tune() -> bool:
         _tuned = bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
                       and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
                       and libc.mallopt(_M_ARENA_MAX, ARENA_MAX))
-        log.debug("malloc thresholds %s", "set" if _tuned else "left as they are")
+        log.debug("malloc thresholds and arena count %s", "set" if _tuned else "left as they are")
     return _tuned
 
 
