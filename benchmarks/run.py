@@ -1,7 +1,7 @@
 """visiontune against the Hugging Face example recipe and against the compute ceiling, on the
 same machine, data and model, in one run. See BENCHMARKS.md for what is measured and why.
 
-    python benchmarks/run.py            # the default run (about 25 minutes on 2 CPU cores)
+    python benchmarks/run.py            # the default run (about 40 minutes on 2 CPU cores)
     python benchmarks/run.py --quick    # a smoke run: a few images, one step each
     python benchmarks/run.py --variants vt16,hf16 --repeats 5
 
@@ -628,6 +628,29 @@ def ratios(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v is not None}
 
 
+# (a, b, key): ratios also read pair by pair, repeat i of a against repeat i of b, which ran
+# next to each other: the machine's drift over the whole run moves both sides of a pair.
+PAIRS = [("vt16", "hf16w0", "train_images_per_s"), ("vt32", "hf32", "train_images_per_s"),
+         ("vt16", "ceil16+", "steady_images_per_s"), ("vt32", "ceil32+", "steady_images_per_s"),
+         ("vt16", "hf16w0", "peak_tree_mb"), ("vt32", "hf32", "peak_tree_mb")]
+
+
+def pair_ratios(results: dict[str, list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """Each interleaved pair's ratio, for the PAIRS both of whose sides ran, and each in-process
+    a/c."""
+    out = {}
+    for a, b, key in PAIRS:
+        values = [x[key] / y[key] for x, y in zip(results.get(a, []), results.get(b, []))
+                  if x.get(key) and y.get(key)]
+        if values:
+            out[f"{a} / {b} ({key})"] = values
+    for name in ("vt16+c", "vt32+c"):  # a and c in one process: each run is its own pair
+        values = [x["steady_over_ceiling"] for x in results.get(name, []) if x.get("steady_over_ceiling")]
+        if values:
+            out[f"{name}: steady / ceiling in process"] = values
+    return out
+
+
 def agreement(results: dict[str, list[dict[str, Any]]]) -> float | None:
     """Share of images where visiontune predict and the pipeline agree on the top class."""
     try:
@@ -653,7 +676,8 @@ COLUMNS = [("train_images_per_s", "train img/s"), ("steady_images_per_s", "stead
            ("runs", "runs")]
 
 
-def render(table: dict[str, dict[str, Any]], order: list[str], ratio_rows: dict[str, Any]) -> str:
+def render(table: dict[str, dict[str, Any]], order: list[str], ratio_rows: dict[str, Any],
+           pairs: dict[str, list[float]]) -> str:
     lines = ["| variant | " + " | ".join(label for _, label in COLUMNS) + " | what |",
              "|---|" + "---:|" * len(COLUMNS) + "---|"]
     for name in order:
@@ -671,7 +695,23 @@ def render(table: dict[str, dict[str, Any]], order: list[str], ratio_rows: dict[
     lines.append("|---|---:|")
     for key, value in ratio_rows.items():
         lines.append(f"| {key} | {value:+.3f} |" if key.startswith("accuracy") else f"| {key} | {value:.2f} |")
+    if pairs:
+        lines += ["", "| interleaved pairs | median | lowest | highest | pairs |", "|---|---:|---:|---:|---:|"]
+        for key, values in pairs.items():
+            lines.append(f"| {key} | {statistics.median(values):.2f} | {min(values):.2f} | "
+                         f"{max(values):.2f} | {len(values)} |")
     return "\n".join(lines)
+
+
+def summarize(results: dict[str, list[dict[str, Any]]]) -> tuple[dict, dict, dict, str]:
+    """Medians, ratios, pair ratios and the printed report of a run's results."""
+    table = medians(results)
+    ratio_rows = ratios(table)
+    agree = agreement(results)
+    if agree is not None:
+        ratio_rows["predict top-1 agreement with pipeline"] = agree
+    pairs = pair_ratios(results)
+    return table, ratio_rows, pairs, render(table, list(VARIANTS), ratio_rows, pairs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -690,7 +730,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work_dir", default=None, help="runs and models (default: a new temp folder)")
     parser.add_argument("--output", default=None, help="results JSON (default: WORK_DIR/results.json)")
     parser.add_argument("--no_wait", action="store_true", help="do not wait for a quiet machine")
+    parser.add_argument("--from_results", default=None, metavar="JSON",
+                        help="print the report of an earlier run's results file and exit")
     args = parser.parse_args(argv)
+    if args.from_results:
+        print(summarize(json.loads(Path(args.from_results).read_text())["runs"])[3])
+        return 0
 
     settings = Settings() if not args.quick else Settings(**vars(QUICK))
     for key in ("repeats", "vit_repeats", "image_size", "train_images", "val_images", "epochs"):
@@ -726,16 +771,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(settings, work, data_root, log)
     bench.prepare()
     bench.run(names)
-    table = medians(bench.results)
-    ratio_rows = ratios(table)
-    agree = agreement(bench.results)
-    if agree is not None:
-        ratio_rows["predict top-1 agreement with pipeline"] = agree
-    report = render(table, list(VARIANTS), ratio_rows)
+    table, ratio_rows, pairs, report = summarize(bench.results)
     print()
     print(report)
     result = {"settings": vars(settings), "machine": {"cpus": os.cpu_count()},
-              "runs": bench.results, "medians": table, "ratios": ratio_rows,
+              "runs": bench.results, "medians": table, "ratios": ratio_rows, "pairs": pairs,
               "minutes": (time.monotonic() - started) / 60}
     output = Path(args.output) if args.output else work / "results.json"
     output.parent.mkdir(parents=True, exist_ok=True)

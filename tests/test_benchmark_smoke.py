@@ -38,6 +38,15 @@ def test_ceiling_in_process_ratio_is_the_runs_rate_over_the_mean_of_both_ceiling
     assert bench.read_ceiling_in_process(tmp_path / "elsewhere", steady=45.0) == {}
 
 
+def test_pair_ratios_match_repeat_i_of_a_with_repeat_i_of_b():
+    results = {"vt16": [{"train_images_per_s": 40.0}, {"train_images_per_s": 60.0}],
+               "hf16w0": [{"train_images_per_s": 20.0}, {"train_images_per_s": 20.0}],
+               "vt16+c": [{"steady_over_ceiling": 0.9}, {"steady_over_ceiling": 1.1}]}
+    pairs = bench.pair_ratios(results)
+    assert pairs == {"vt16 / hf16w0 (train_images_per_s)": [2.0, 3.0],
+                     "vt16+c: steady / ceiling in process": [0.9, 1.1]}
+
+
 def test_quick_benchmark_runs_end_to_end(tmp_path):
     output = tmp_path / "results.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
@@ -77,3 +86,9 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     assert "predict-vt / predict-pipeline (end to end)" in ratios
     assert any("/ceil" in key for key in ratios)  # a/c
     assert "| variant |" in result.stdout and "| ratio | value |" in result.stdout
+    assert data["pairs"]["vt16+c: steady / ceiling in process"] == [in_process["steady_over_ceiling"]]
+    # The report again, from the results file alone.
+    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--from_results", str(output)],
+                           capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "| vt16+c |" in again.stdout and "| interleaved pairs |" in again.stdout
