@@ -48,16 +48,31 @@ def main(argv: list[str] | None = None) -> int:
         args.model_path, num_labels=args.num_labels, ignore_mismatched_sizes=True).train()
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4,
-                                  **({"fused": True} if args.fused_adamw else {"foreach": False}))
+    optimizer = adamw(model, args.fused_adamw)
     forward = torch.compile(model) if args.compile else model
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)
-    labels = torch.randint(0, args.num_labels, (args.batch_size,), generator=generator)
+    pixels, labels = synthetic_batch(args.batch_size, (3, args.image_size, args.image_size), args.num_labels)
 
     step = make_step(model, forward, optimizer, pixels, labels, args.precision == 16, args.fast_depthwise)
     print(json.dumps(time_steps(step, args.warmup, args.steps, args.batch_size)))
     return 0
+
+
+def adamw(model, fused: bool):
+    """AdamW with the benchmark runs' learning rate and weight decay: fused, or a loop over
+    tensors."""
+    import torch
+
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4,
+                             **({"fused": True} if fused else {"foreach": False}))
+
+
+def synthetic_batch(batch_size: int, shape: tuple[int, ...], num_labels: int):
+    """The same random pixels (``batch_size`` images of ``shape``) and labels in every run."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(batch_size, *shape, generator=generator)
+    return pixels, torch.randint(0, num_labels, (batch_size,), generator=generator)
 
 
 def make_step(model, forward, optimizer, pixels, labels, bf16: bool, fast_depthwise_on: bool):

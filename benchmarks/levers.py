@@ -19,9 +19,10 @@ Levers (comma-separated, or ``none``):
   right after training, this same process times the ceiling's step (``ceiling.py``) on a copy
   of the model being trained, with visiontune's compute settings, synthetic tensors of the
   training batch's shape and a fused AdamW of its own; the rates go, one JSON line each, to
-  the file named by ``BENCH_CEILING_FILE``. Training is unchanged (the copy and its optimizer
-  are dropped and the heap trimmed before the first step), so the run's own rate over the two
-  ceiling rates is an a/c that the machine's drift between processes does not move.
+  the file named by ``BENCH_CEILING_FILE``. Training is unchanged (the timing draws from a
+  forked random state; the copy and its optimizer are dropped and the heap trimmed before the
+  first step), so the run's own rate over the two ceiling rates is an a/c that the machine's
+  drift between processes does not move.
 """
 
 from __future__ import annotations
@@ -105,15 +106,11 @@ def _time_ceiling_around_training() -> None:
         malloc.release()
 
     def _time(trainer) -> dict:
-        import torch
-
         model = copy.deepcopy(trainer.model).train()  # channels-last stays channels-last
         batch = trainer.args.per_device_train_batch_size
         shape = trainer.train_dataset[0]["pixel_values"].shape
-        generator = torch.Generator().manual_seed(0)
-        pixels = torch.randn(batch, *shape, generator=generator)
-        labels = torch.randint(0, model.config.num_labels, (batch,), generator=generator)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4, fused=True)
+        pixels, labels = ceiling.synthetic_batch(batch, shape, model.config.num_labels)
+        optimizer = ceiling.adamw(model, fused=True)
         bf16 = bool(trainer.args.bf16)
         step = ceiling.make_step(model, model, optimizer, pixels, labels, bf16,
                                  bf16 and trainer.args.device.type == "cpu")

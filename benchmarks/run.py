@@ -180,6 +180,8 @@ def _variants() -> dict[str, Variant]:
 
 
 VARIANTS = _variants()
+# Runs of a that also time the ceiling in their own process (levers.py ceiling_in_process).
+IN_PROCESS_CEILING = [name for name, v in VARIANTS.items() if "ceiling_in_process" in v.levers.split(",")]
 DEFAULT_SET = ["vt32", "hf32", "vt16", "hf16", "hf16w0", "hf32w2", "ceil32", "ceil16", "ceil32+",
                "ceil16+", "ceil16+native-dw", "vt32+c", "vt16+c", "vit-vt32", "vit-hf32", "vit-vt16", "vit-hf16w0", "vit-ceil32+",
                "vit-ceil16+", "predict-vt", "predict-vt-pytorch", "predict-pipeline",
@@ -460,7 +462,7 @@ class Bench:
             out.mkdir(parents=True)
             env = child_env({"VISIONTUNE_IMAGE_CACHE_DIR": str(out / "vt_cache"),
                              "HF_DATASETS_CACHE": str(out / "hf_cache"), **v.env})
-            if "ceiling_in_process" in v.levers:
+            if name in IN_PROCESS_CEILING:
                 env.update(BENCH_CEILING_FILE=str(out / CEILING_FILE),
                            BENCH_CEILING_STEPS=str(self.s.ceiling_steps))
             if v.side == "vt":
@@ -612,7 +614,7 @@ def ratios(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
                  ("hf32", "ceil32"), ("hf16w0", "ceil16"),
                  ("vit-vt32", "vit-ceil32+"), ("vit-vt16", "vit-ceil16+")):
         out[f"{a}/{c} (steady)"] = _ratio(get(a, "steady_images_per_s"), get(c, "steady_images_per_s"))
-    for name in ("vt16+c", "vt32+c"):
+    for name in IN_PROCESS_CEILING:
         # The median of each run's own ratio (not a ratio of medians): a and c share a process.
         out[f"{name}: a/c in one process (steady / ceiling)"] = get(name, "steady_over_ceiling")
     for a, b in (("predict-vt", "predict-pipeline"), ("predict-vt", "predict-pipeline-b32"),
@@ -644,7 +646,7 @@ def pair_ratios(results: dict[str, list[dict[str, Any]]]) -> dict[str, list[floa
                   if x.get(key) and y.get(key)]
         if values:
             out[f"{a} / {b} ({key})"] = values
-    for name in ("vt16+c", "vt32+c"):  # a and c in one process: each run is its own pair
+    for name in IN_PROCESS_CEILING:  # a and c in one process: each run is its own pair
         values = [x["steady_over_ceiling"] for x in results.get(name, []) if x.get("steady_over_ceiling")]
         if values:
             out[f"{name}: steady / ceiling in process"] = values
