@@ -13,8 +13,9 @@ from transformers import TrainingArguments
 from conftest import subset
 from tiny_models import build_tiny_model, random_images, save_tiny_model
 from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, resolve
-from visiontune.models import depthwise
+from visiontune.models import depthwise, hardtanh
 from visiontune.models.depthwise import FastDepthwise, fast_depthwise, input_grad, weight_grad
+from visiontune.models.hardtanh import InplaceHardtanh, inplace_hardtanh
 
 CASES = list(itertools.product((3, 5, 7), (1, 2, 3), ("same", "valid"), (11, 12)))
 
@@ -108,13 +109,19 @@ def test_only_the_cases_pytorch_differentiates_slowly_are_routed():
                    dtype_autocast=False) == 1
 
 
-def test_the_environment_switch_turns_it_off(monkeypatch):
-    with fast_depthwise() as mode:
-        assert isinstance(mode, FastDepthwise)
-    monkeypatch.setenv(depthwise.ENV_SWITCH, "0")
-    with fast_depthwise() as mode:
+@pytest.mark.parametrize("module,context,mode_type", [
+    (depthwise, fast_depthwise, FastDepthwise),
+    (hardtanh, inplace_hardtanh, InplaceHardtanh),
+], ids=["fast_depthwise", "inplace_hardtanh"])
+def test_the_environment_switch_turns_it_off(monkeypatch, module, context, mode_type):
+    """Both modes of the training forward pass: on by default, off by their switch or argument."""
+    with context() as mode:
+        assert isinstance(mode, mode_type)
+    monkeypatch.setenv(module.ENV_SWITCH, "0")
+    with context() as mode:
         assert mode is None
-    with fast_depthwise(active=False) as mode:
+    monkeypatch.delenv(module.ENV_SWITCH)
+    with context(active=False) as mode:
         assert mode is None
 
 

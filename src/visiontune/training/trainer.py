@@ -17,6 +17,9 @@ trains the same way however it is split.
 
 The training forward pass runs under ``models.depthwise.fast_depthwise``: on the CPU in
 bfloat16, depthwise convolutions get a faster backward (1.75x for an EfficientNet-Lite0 step).
+It also runs under ``models.hardtanh.inplace_hardtanh``: in-place ReLU6 layers keep their output
+for the backward pass instead of a copy of their input (90 MB less at the peak of an
+EfficientNet-Lite0 step in float32).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from transformers import Trainer
 
 from visiontune.inputs import MULTILABEL
 from visiontune.models.depthwise import fast_depthwise
+from visiontune.models.hardtanh import inplace_hardtanh
 
 log = logging.getLogger("visiontune.training")
 
@@ -62,6 +66,7 @@ class VisionTrainer(Trainer):
         stack.enter_context(fast_depthwise(
             self.model.training and self._plain() and self.args.bf16
             and self.args.device.type == "cpu"))
+        stack.enter_context(inplace_hardtanh(self.model.training))
         return stack
 
     def _load_weights(self, folder: str, model=None) -> None:
