@@ -26,13 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fused_adamw", action="store_true")
     parser.add_argument("--fast_depthwise", action="store_true",
                         help="visiontune's depthwise-convolution backward (bfloat16 on the CPU)")
+    parser.add_argument("--inplace_hardtanh", action="store_true",
+                        help="visiontune's in-place ReLU6 that saves its output, not a copy of its input")
     parser.add_argument("--malloc_tuning", action="store_true",
                         help="visiontune's glibc malloc thresholds (visiontune.malloc)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (the "
                         "first, compiling steps are reported apart)")
     args = parser.parse_args(argv)
-    if args.compile and args.fast_depthwise:
-        parser.error("--compile cannot trace --fast_depthwise (a TorchFunctionMode); use one")
+    if args.compile and (args.fast_depthwise or args.inplace_hardtanh):
+        parser.error("--compile cannot trace --fast_depthwise or --inplace_hardtanh (TorchFunctionModes)")
 
     if args.malloc_tuning:
         from visiontune import malloc
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     forward = torch.compile(model) if args.compile else model
     pixels, labels = synthetic_batch(args.batch_size, (3, args.image_size, args.image_size), args.num_labels)
 
-    step = make_step(model, forward, optimizer, pixels, labels, args.precision == 16, args.fast_depthwise)
+    step = make_step(model, forward, optimizer, pixels, labels, args.precision == 16, args.fast_depthwise,
+                     args.inplace_hardtanh)
     print(json.dumps(time_steps(step, args.warmup, args.steps, args.batch_size)))
     return 0
 
@@ -75,15 +78,18 @@ def synthetic_batch(batch_size: int, shape: tuple[int, ...], num_labels: int):
     return pixels, torch.randint(0, num_labels, (batch_size,), generator=generator)
 
 
-def make_step(model, forward, optimizer, pixels, labels, bf16: bool, fast_depthwise_on: bool):
+def make_step(model, forward, optimizer, pixels, labels, bf16: bool, fast_depthwise_on: bool,
+              inplace_hardtanh_on: bool):
     """One training step on fixed tensors: forward and loss (bf16 autocast when asked), backward,
     clipping to norm 1.0, the optimizer's step."""
     import torch
 
     from visiontune.models.depthwise import fast_depthwise
+    from visiontune.models.hardtanh import inplace_hardtanh
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), fast_depthwise(fast_depthwise_on):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), fast_depthwise(fast_depthwise_on), \
+                inplace_hardtanh(inplace_hardtanh_on):
             loss = forward(pixel_values=pixels, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -87,7 +87,7 @@ class Variant:
 
 CEILING_FILE = "ceiling_in_process.jsonl"  # written by levers.py ceiling_in_process
 # The ceiling with the compute settings visiontune uses (the depthwise backward is bf16 only).
-CEIL_PLUS = "--channels_last --fused_adamw --malloc_tuning"
+CEIL_PLUS = "--channels_last --fused_adamw --malloc_tuning --inplace_hardtanh"
 
 
 def _variants() -> dict[str, Variant]:
@@ -105,22 +105,30 @@ def _variants() -> dict[str, Variant]:
         Variant("ceil32", "ceiling", "effnet", 32, describe="synthetic step, fp32, NCHW, AdamW loop"),
         Variant("ceil16", "ceiling", "effnet", 16, describe="synthetic step, bf16, NCHW, AdamW loop"),
         Variant("ceil32+", "ceiling", "effnet", 32, levers=CEIL_PLUS,
-                describe="synthetic step, fp32, channels-last, fused AdamW, malloc thresholds"),
+                describe="synthetic step, fp32, channels-last, fused AdamW, malloc thresholds, "
+                         "ReLU6 saving its output"),
         Variant("ceil16+", "ceiling", "effnet", 16, levers=f"{CEIL_PLUS} --fast_depthwise",
                 describe="synthetic step, bf16, channels-last, fused AdamW, malloc thresholds, "
-                         "fast depthwise backward"),
+                         "ReLU6 saving its output, fast depthwise backward"),
         Variant("ceil16+native-dw", "ceiling", "effnet", 16, levers=CEIL_PLUS,
                 describe="ceil16+ with PyTorch's depthwise backward"),
-        Variant("ceil16+glibc", "ceiling", "effnet", 16, levers="--channels_last --fused_adamw --fast_depthwise",
+        Variant("ceil16+glibc", "ceiling", "effnet", 16,
+                levers="--channels_last --fused_adamw --inplace_hardtanh --fast_depthwise",
                 describe="ceil16+ with glibc's own malloc thresholds"),
-        # torch.compile cannot trace the fast depthwise backward (a TorchFunctionMode), so it is
-        # measured against the step without it.
-        Variant("ceil16+compile", "ceiling", "effnet", 16, levers=f"{CEIL_PLUS} --compile",
-                describe="ceil16+native-dw under torch.compile (compile time reported apart)"),
+        # torch.compile cannot trace the fast depthwise backward or the ReLU6 (TorchFunctionModes),
+        # so it is measured against the step without them.
+        Variant("ceil16+compile", "ceiling", "effnet", 16,
+                levers="--channels_last --fused_adamw --malloc_tuning --compile",
+                describe="ceil16+native-dw, PyTorch's ReLU6, under torch.compile (compile time "
+                         "reported apart)"),
         # Levers: each of visiontune's speed-ups turned off, or a loader setting changed.
         Variant("vt16-nchw", "vt", "effnet", 16, levers="nchw", describe="vt16, CNN left in NCHW"),
         Variant("vt16-native-dw", "vt", "effnet", 16, env={"VISIONTUNE_FAST_DEPTHWISE": "0"},
                 describe="vt16 with PyTorch's depthwise-convolution backward"),
+        Variant("vt16-relu6-copy", "vt", "effnet", 16, env={"VISIONTUNE_INPLACE_HARDTANH": "0"},
+                describe="vt16 with PyTorch's in-place ReLU6 (keeps a copy of its input)"),
+        Variant("vt32-relu6-copy", "vt", "effnet", 32, env={"VISIONTUNE_INPLACE_HARDTANH": "0"},
+                describe="vt32 with PyTorch's in-place ReLU6 (keeps a copy of its input)"),
         Variant("vt16-glibc", "vt", "effnet", 16, env={"VISIONTUNE_MALLOC_TUNING": "0"},
                 describe="vt16 with glibc's own malloc thresholds"),
         Variant("vt16-arenas", "vt", "effnet", 16, levers="glibc_arenas",
@@ -152,7 +160,8 @@ def _variants() -> dict[str, Variant]:
                 describe="vt16 with the cache filled by an earlier run"),
         Variant("vt32-before", "vt", "effnet", 32, workers=8, levers="nchw,foreach_adamw,v2_transforms",
                 env={"VISIONTUNE_IMAGE_CACHE": "0", "VISIONTUNE_JPEG_DRAFT": "0",
-                     "VISIONTUNE_MALLOC_TUNING": "0", "VISIONTUNE_SKIP_TRITON": "0"},
+                     "VISIONTUNE_MALLOC_TUNING": "0", "VISIONTUNE_SKIP_TRITON": "0",
+                     "VISIONTUNE_INPLACE_HARDTANH": "0"},
                 describe="vt32 with every speed-up off and 8 workers (the earlier defaults)"),
         # ViT-Small (384 wide, 12 layers, 6 heads, patch 16), built from a config.
         Variant("vit-vt32", "vt", "vit", 32, describe="ViT-S: visiontune, precision 32"),
@@ -189,8 +198,8 @@ DEFAULT_SET = ["vt32", "hf32", "vt16", "hf16", "hf16w0", "hf32w2", "ceil32", "ce
 # The smoke run: every code path (levers launcher, bf16 flags, ceiling flags, ViT, predict).
 QUICK_SET = ["vt32", "hf32", "vt16", "vt16-nchw", "vt16+c", "hf16", "ceil32", "ceil16+", "vit-vt32", "vit-hf32",
              "vit-ceil32", "predict-vt", "predict-pipeline"]
-LEVER_SET = ["vt16", "vt16-native-dw", "vt16-glibc", "vt16-arenas", "vt16-triton", "vt16-v2", "vt16-nchw", "vt16-foreach", "vt16-w1", "vt16-w2", "vt16-w2-nopersist",
-             "vt16-w2-prefetch4", "vt16-nocache", "vt16-plain", "vt16-warm", "vt32", "vt32-before",
+LEVER_SET = ["vt16", "vt16-native-dw", "vt16-relu6-copy", "vt16-glibc", "vt16-arenas", "vt16-triton", "vt16-v2", "vt16-nchw", "vt16-foreach", "vt16-w1", "vt16-w2", "vt16-w2-nopersist",
+             "vt16-w2-prefetch4", "vt16-nocache", "vt16-plain", "vt16-warm", "vt32", "vt32-relu6-copy", "vt32-before",
              "ceil16+", "ceil16+native-dw", "ceil16+glibc", "ceil16+compile"]
 
 
