@@ -66,6 +66,13 @@ def _bounds(func, args: tuple, kwargs: dict):
     return None
 
 
+def _recorded(inputs) -> bool:
+    """A floating tensor computed by recorded operations, not a view: leaves and views keep
+    PyTorch's own checks and view bookkeeping."""
+    return (isinstance(inputs, torch.Tensor) and inputs.is_floating_point() and inputs.requires_grad
+            and inputs.grad_fn is not None and inputs._base is None)
+
+
 class InplaceHardtanh(TorchFunctionMode):
     """Routes in-place hardtanh and relu6 calls that autograd records through
     ``_InplaceHardtanh``; every other call runs unchanged. ``routed`` counts the calls routed."""
@@ -76,15 +83,10 @@ class InplaceHardtanh(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if torch.is_grad_enabled():
-            call = _bounds(func, args, kwargs)
-            # Only a computed (non-leaf), non-view floating tensor: leaves and views keep
-            # PyTorch's own checks and view bookkeeping.
-            if call is not None and isinstance(call[0], torch.Tensor) and call[0].requires_grad \
-                    and call[0].grad_fn is not None and call[0]._base is None \
-                    and call[0].is_floating_point():
-                self.routed += 1
-                return _InplaceHardtanh.apply(*call)
+        call = _bounds(func, args, kwargs) if torch.is_grad_enabled() else None
+        if call is not None and _recorded(call[0]):
+            self.routed += 1
+            return _InplaceHardtanh.apply(*call)
         return func(*args, **kwargs)
 
 
