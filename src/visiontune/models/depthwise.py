@@ -28,19 +28,12 @@ off with ``VISIONTUNE_FAST_DEPTHWISE=0``.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+
+from visiontune.models.routing import RoutingMode, switched
 
 ENV_SWITCH = "VISIONTUNE_FAST_DEPTHWISE"
-
-
-def enabled() -> bool:
-    from visiontune.inputs import env_flag
-
-    return env_flag(ENV_SWITCH, True)
 
 
 def _pair(value) -> tuple[int, int]:
@@ -118,22 +111,12 @@ def _bfloat16(inputs) -> bool:
         torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
 
 
-class FastDepthwise(TorchFunctionMode):
+class FastDepthwise(RoutingMode):
     """Routes the CPU bfloat16 depthwise convolutions that are slow to differentiate through
     ``_DepthwiseConv2d``; every other call runs unchanged. ``routed`` counts the calls routed."""
 
-    def __init__(self):
-        super().__init__()
-        self.routed = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.conv2d and torch.is_grad_enabled():
-            routed = self._route(dict(zip(_CONV2D_ARGS, args), **kwargs))
-            if routed is not None:
-                self.routed += 1
-                return routed
-        return func(*args, **kwargs)
+    def route(self, func, args: tuple, kwargs: dict):
+        return self._route(dict(zip(_CONV2D_ARGS, args), **kwargs)) if func is torch.conv2d else None
 
     @staticmethod
     def _route(call: dict):
@@ -161,12 +144,7 @@ class FastDepthwise(TorchFunctionMode):
                 stride, padding, own_input, own_weight)
 
 
-@contextlib.contextmanager
 def fast_depthwise(active: bool = True):
     """Within: the faster depthwise backward for convolutions recorded on the CPU in bfloat16
     (``active`` and the environment switch permitting). Yields the mode, or None."""
-    if not (active and enabled()):
-        yield None
-        return
-    with FastDepthwise() as mode:
-        yield mode
+    return switched(FastDepthwise, ENV_SWITCH, active)

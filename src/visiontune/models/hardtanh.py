@@ -21,19 +21,12 @@ operation" error. Enabled while the model runs its training forward pass
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+
+from visiontune.models.routing import RoutingMode, switched
 
 ENV_SWITCH = "VISIONTUNE_INPLACE_HARDTANH"
-
-
-def enabled() -> bool:
-    from visiontune.inputs import env_flag
-
-    return env_flag(ENV_SWITCH, True)
 
 
 class _InplaceHardtanh(torch.autograd.Function):
@@ -73,30 +66,17 @@ def _recorded(inputs) -> bool:
             and inputs.grad_fn is not None and inputs._base is None)
 
 
-class InplaceHardtanh(TorchFunctionMode):
+class InplaceHardtanh(RoutingMode):
     """Routes in-place hardtanh and relu6 calls that autograd records through
     ``_InplaceHardtanh``; every other call runs unchanged. ``routed`` counts the calls routed."""
 
-    def __init__(self):
-        super().__init__()
-        self.routed = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        call = _bounds(func, args, kwargs) if torch.is_grad_enabled() else None
-        if call is not None and _recorded(call[0]):
-            self.routed += 1
-            return _InplaceHardtanh.apply(*call)
-        return func(*args, **kwargs)
+    def route(self, func, args: tuple, kwargs: dict):
+        call = _bounds(func, args, kwargs)
+        return _InplaceHardtanh.apply(*call) if call is not None and _recorded(call[0]) else None
 
 
-@contextlib.contextmanager
 def inplace_hardtanh(active: bool = True):
     """Within: in-place hardtanh and relu6 keep their output, not a copy of their input, for
     the backward pass (``active`` and the environment switch permitting). Yields the mode, or
     None."""
-    if not (active and enabled()):
-        yield None
-        return
-    with InplaceHardtanh() as mode:
-        yield mode
+    return switched(InplaceHardtanh, ENV_SWITCH, active)
