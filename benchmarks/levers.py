@@ -113,7 +113,7 @@ def _time_ceiling_around_training() -> None:
         optimizer = ceiling.adamw(model, fused=True)
         bf16 = bool(trainer.args.bf16)
         step = ceiling.make_step(model, model, optimizer, pixels, labels, bf16,
-                                 bf16 and trainer.args.device.type == "cpu", True)
+                                 bf16 and trainer.args.device.type == "cpu", inplace_hardtanh_on=True)
         return ceiling.time_steps(step, 2, steps, batch)
 
     def train(self, *args, **kwargs):

@@ -86,8 +86,10 @@ class Variant:
 
 
 CEILING_FILE = "ceiling_in_process.jsonl"  # written by levers.py ceiling_in_process
-# The ceiling with the compute settings visiontune uses (the depthwise backward is bf16 only).
-CEIL_PLUS = "--channels_last --fused_adamw --malloc_tuning --inplace_hardtanh"
+# The ceiling with the compute settings visiontune uses (the depthwise backward is bf16 only);
+# torch.compile cannot trace the two training-pass modes, so it gets the settings without them.
+CEIL_TRACEABLE = "--channels_last --fused_adamw --malloc_tuning"
+CEIL_PLUS = f"{CEIL_TRACEABLE} --inplace_hardtanh"
 
 
 def _variants() -> dict[str, Variant]:
@@ -115,10 +117,7 @@ def _variants() -> dict[str, Variant]:
         Variant("ceil16+glibc", "ceiling", "effnet", 16,
                 levers="--channels_last --fused_adamw --inplace_hardtanh --fast_depthwise",
                 describe="ceil16+ with glibc's own malloc thresholds"),
-        # torch.compile cannot trace the fast depthwise backward or the ReLU6 (TorchFunctionModes),
-        # so it is measured against the step without them.
-        Variant("ceil16+compile", "ceiling", "effnet", 16,
-                levers="--channels_last --fused_adamw --malloc_tuning --compile",
+        Variant("ceil16+compile", "ceiling", "effnet", 16, levers=f"{CEIL_TRACEABLE} --compile",
                 describe="ceil16+native-dw, PyTorch's ReLU6, under torch.compile (compile time "
                          "reported apart)"),
         # Levers: each of visiontune's speed-ups turned off, or a loader setting changed.
