@@ -4,6 +4,7 @@ rounding in training, and only where PyTorch is slow."""
 
 import copy
 import itertools
+import random
 
 import pytest
 import torch
@@ -41,6 +42,29 @@ def test_the_gradients_are_pytorchs_in_float64(kernel, stride, padding, size):
     assert got_input.shape == inputs.shape and got_weight.shape == weight.shape
     torch.testing.assert_close(got_input, want_input, rtol=0, atol=1e-12)
     torch.testing.assert_close(got_weight, want_weight, rtol=0, atol=1e-12)
+
+
+def test_the_gradients_are_pytorchs_for_uneven_kernels_strides_and_paddings():
+    """Height and width differ in kernel, stride, padding and size (200 drawn cases), float64:
+    every phase layout of the strided input gradient, including phases no tap reaches."""
+    draw, generator = random.Random(0), torch.Generator().manual_seed(0)
+    for _ in range(200):
+        kernel = draw.randint(1, 7), draw.randint(1, 7)
+        stride = draw.randint(1, 4), draw.randint(1, 4)
+        padding = draw.randint(0, kernel[0] - 1), draw.randint(0, kernel[1] - 1)
+        size = draw.randint(kernel[0], 14), draw.randint(kernel[1], 14)
+        inputs = torch.randn(2, 3, *size, generator=generator, dtype=torch.float64)
+        weight = torch.randn(3, 1, *kernel, generator=generator, dtype=torch.float64)
+        out = F.conv2d(inputs, weight, None, stride, padding, 1, 3)
+        grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
+        want_input, want_weight = torch.ops.aten.convolution_backward(
+            grad_out, inputs, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 3,
+            [True, True, False])[:2]
+        case = (kernel, stride, padding, size)
+        torch.testing.assert_close(input_grad(grad_out, weight, stride, padding, size), want_input,
+                                   rtol=0, atol=1e-12, msg=lambda m: f"{case}: {m}")
+        torch.testing.assert_close(weight_grad(grad_out, inputs, stride, padding, kernel), want_weight,
+                                   rtol=0, atol=1e-12, msg=lambda m: f"{case}: {m}")
 
 
 def _bf16_step(inputs, weight, bias, stride, padding, grad_out, fast: bool):
