@@ -22,8 +22,10 @@ CASES = list(itertools.product((1, 2, 3, 5, 7), (1, 2, 3), ("same", "valid"), (1
 
 
 def _pytorch_grads(grad_out, inputs, weight, stride, padding):
+    """PyTorch's input and weight gradients of a depthwise convolution; stride and padding
+    are (height, width) pairs."""
     return torch.ops.aten.convolution_backward(
-        grad_out, inputs, weight, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0],
+        grad_out, inputs, weight, None, list(stride), list(padding), [1, 1], False, [0, 0],
         inputs.shape[1], [True, True, False])[:2]
 
 
@@ -36,7 +38,7 @@ def test_the_gradients_are_pytorchs_in_float64(kernel, stride, padding, size):
     weight = torch.randn(5, 1, kernel, kernel, generator=generator, dtype=torch.float64)
     out = F.conv2d(inputs, weight, None, stride, pad, 1, 5)
     grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
-    want_input, want_weight = _pytorch_grads(grad_out, inputs, weight, stride, pad)
+    want_input, want_weight = _pytorch_grads(grad_out, inputs, weight, (stride, stride), (pad, pad))
     got_input = input_grad(grad_out, weight, (stride, stride), (pad, pad), inputs.shape[-2:])
     got_weight = weight_grad(grad_out, inputs, (stride, stride), (pad, pad), (kernel, kernel))
     assert got_input.shape == inputs.shape and got_weight.shape == weight.shape
@@ -57,9 +59,7 @@ def test_the_gradients_are_pytorchs_for_uneven_kernels_strides_and_paddings():
         weight = torch.randn(3, 1, *kernel, generator=generator, dtype=torch.float64)
         out = F.conv2d(inputs, weight, None, stride, padding, 1, 3)
         grad_out = torch.randn(out.shape, generator=generator, dtype=torch.float64)
-        want_input, want_weight = torch.ops.aten.convolution_backward(
-            grad_out, inputs, weight, None, list(stride), list(padding), [1, 1], False, [0, 0], 3,
-            [True, True, False])[:2]
+        want_input, want_weight = _pytorch_grads(grad_out, inputs, weight, stride, padding)
         case = (kernel, stride, padding, size)
         torch.testing.assert_close(input_grad(grad_out, weight, stride, padding, size), want_input,
                                    rtol=0, atol=1e-12, msg=lambda m: f"{case}: {m}")
