@@ -121,6 +121,8 @@ def _variants() -> dict[str, Variant]:
                 describe="ceil16+native-dw, PyTorch's ReLU6, under torch.compile (compile time "
                          "reported apart)"),
         # Levers: each of visiontune's speed-ups turned off, or a loader setting changed.
+        Variant("vt16-bf16", "vt", "effnet", 16, env={"VISIONTUNE_CPU_BF16": "1"},
+                describe="vt16 in bf16 on any CPU (a CPU without native bf16 runs vt16 in float32)"),
         Variant("vt16-nchw", "vt", "effnet", 16, levers="nchw", describe="vt16, CNN left in NCHW"),
         Variant("vt16-native-dw", "vt", "effnet", 16, env={"VISIONTUNE_FAST_DEPTHWISE": "0"},
                 describe="vt16 with PyTorch's depthwise-convolution backward"),
@@ -724,6 +726,25 @@ def summarize(results: dict[str, list[dict[str, Any]]]) -> tuple[dict, dict, dic
     return table, ratio_rows, pairs, render(table, list(VARIANTS), ratio_rows, pairs)
 
 
+def machine_description() -> dict[str, Any]:
+    """The CPU the rates were measured on: the kind decides visiontune's bf16 paths."""
+    import platform
+
+    from visiontune.hardware import cpu_kind
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    kind = cpu_kind()
+    return {"cpu": name, "cpus": os.cpu_count(), "capability": kind.capability,
+            "native_bf16": kind.native_bf16}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: a few images, one step each")
@@ -778,13 +799,16 @@ def main(argv: list[str] | None = None) -> int:
         print(message, flush=True)
 
     started = time.monotonic()
+    machine = machine_description()
+    log(f"machine: {machine['cpu']}, {machine['cpus']} CPUs, PyTorch's CPU level "
+        f"{machine['capability']}, {'native' if machine['native_bf16'] else 'emulated'} bf16")
     bench = Bench(settings, work, data_root, log)
     bench.prepare()
     bench.run(names)
     table, ratio_rows, pairs, report = summarize(bench.results)
     print()
     print(report)
-    result = {"settings": vars(settings), "machine": {"cpus": os.cpu_count()},
+    result = {"settings": vars(settings), "machine": machine,
               "runs": bench.results, "medians": table, "ratios": ratio_rows, "pairs": pairs,
               "minutes": (time.monotonic() - started) / 60}
     output = Path(args.output) if args.output else work / "results.json"

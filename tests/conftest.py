@@ -56,3 +56,37 @@ def tiny_vit(tmp_path_factory) -> Path:
     from tiny_models import save_tiny_model
 
     return save_tiny_model("vit", tmp_path_factory.mktemp("tiny_vit"), num_labels=3, image_size=32)
+
+
+def native_cpu_bf16() -> bool:
+    from visiontune.hardware import cpu_kind
+
+    return cpu_kind().native_bf16
+
+
+# For tests of the bf16 paths' speed-motivated numerics, which run (and were measured) only on
+# CPUs with native bf16; elsewhere visiontune trains precision 16 in float32 (hardware.py).
+needs_native_bf16 = pytest.mark.skipif(
+    not native_cpu_bf16(),
+    reason="needs a CPU with native bf16 (AVX-512 BF16 or AMX), where visiontune's bf16 paths run; "
+           "this CPU emulates bf16")
+
+
+@pytest.fixture
+def stated_cpu(monkeypatch):
+    """``stated_cpu(native_bf16)``: this process sees a CPU of that kind, as visiontune's
+    ``hardware.cpu_kind`` reads it (PyTorch's own capability checks answer accordingly)."""
+    import torch
+
+    from visiontune import hardware
+
+    def state(native_bf16: bool, capability: str = "AVX512"):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        monkeypatch.delenv(hardware.ENV_CPU_BF16, raising=False)
+        hardware.cpu_kind.cache_clear()
+        return hardware.cpu_kind()
+
+    yield state
+    hardware.cpu_kind.cache_clear()

@@ -1,6 +1,7 @@
 """The faster depthwise-convolution backward (bfloat16 on the CPU) against PyTorch's own:
 the same gradients in float64, PyTorch's outputs bit for bit, gradients within bfloat16
-rounding in training, and only where PyTorch is slow."""
+rounding in training (on CPUs with native bf16, the only ones it runs on), and only where
+PyTorch is slow."""
 
 import copy
 import itertools
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainingArguments
 
-from conftest import subset
+from conftest import needs_native_bf16, subset
 from tiny_models import build_tiny_model, random_images, save_tiny_model
 from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, resolve
 from visiontune.models import depthwise, hardtanh
@@ -80,6 +81,7 @@ def _relative_error(got, want):
     return ((got.double() - want).abs().max() / want.abs().max()).item()
 
 
+@needs_native_bf16
 @pytest.mark.parametrize("kernel,stride,channels_last", [
     (5, 1, False), (5, 1, True), (3, 2, True), (5, 2, True), (7, 1, True), (7, 2, False),
 ])
@@ -157,17 +159,21 @@ def _train_grads(model, pixels, labels, fast: bool, autocast: bool = True):
     return loss, {n: p.grad for n, p in model.named_parameters()}, mode.routed if mode else 0
 
 
-@pytest.mark.parametrize("kind", ["timm", "convnext"])
-def test_a_models_training_step_keeps_its_loss_and_gradients(kind):
-    """A tiny EfficientNet (strided 3x3 depthwise) and ConvNeXt (7x7 depthwise), channels-last
-    as visiontune trains them: the same loss, gradients within bfloat16 rounding; in float32
-    nothing is routed and every gradient is bit-identical."""
+def _tiny_cnn_step_inputs(kind):
     from visiontune.models.loading import prefer_channels_last
 
     model = prefer_channels_last(build_tiny_model(kind, image_size=32)[0])
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(4, 3, 32, 32, generator=generator)
-    labels = torch.randint(0, 3, (4,), generator=generator)
+    return model, pixels, torch.randint(0, 3, (4,), generator=generator)
+
+
+@needs_native_bf16
+@pytest.mark.parametrize("kind", ["timm", "convnext"])
+def test_a_models_training_step_keeps_its_loss_and_gradients(kind):
+    """A tiny EfficientNet (strided 3x3 depthwise) and ConvNeXt (7x7 depthwise), channels-last
+    as visiontune trains them: the same loss, gradients within bfloat16 rounding."""
+    model, pixels, labels = _tiny_cnn_step_inputs(kind)
     torch.manual_seed(0)
     plain_loss, plain, _ = _train_grads(model, pixels, labels, fast=False)
     torch.manual_seed(0)
@@ -178,6 +184,11 @@ def test_a_models_training_step_keeps_its_loss_and_gradients(kind):
         scale = grad.abs().max().item()
         assert scale > 0, name
         assert (fast[name] - grad).abs().max().item() <= 0.05 * scale, name
+
+
+@pytest.mark.parametrize("kind", ["timm", "convnext"])
+def test_in_float32_nothing_is_routed_and_every_gradient_is_pytorchs(kind):
+    model, pixels, labels = _tiny_cnn_step_inputs(kind)
     torch.manual_seed(0)
     _, plain32, _ = _train_grads(model, pixels, labels, fast=False, autocast=False)
     torch.manual_seed(0)
@@ -195,10 +206,14 @@ def own_gradients(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("bf16", [True, False])
-def test_the_trainer_runs_its_bf16_training_forward_pass_with_it(tmp_path, own_gradients, bf16):
+@pytest.mark.parametrize("bf16,native", [(True, True), (False, True), (True, False)],
+                         ids=["bf16-native", "fp32-native", "bf16-emulated"])
+def test_the_trainer_runs_its_bf16_training_forward_pass_with_it(tmp_path, own_gradients, stated_cpu,
+                                                                 bf16, native):
+    """Only in bf16, and only on a CPU with native bf16 (a stated CPU kind)."""
     from visiontune.training.trainer import VisionTrainer
 
+    stated_cpu(native)
     model = build_tiny_model("timm", image_size=32)[0].train()
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=bf16, report_to=[])
     trainer = VisionTrainer(model=model, args=args)
@@ -207,13 +222,14 @@ def test_the_trainer_runs_its_bf16_training_forward_pass_with_it(tmp_path, own_g
     with trainer.compute_loss_context_manager(), torch.autocast("cpu", dtype=torch.bfloat16):
         loss = trainer.model(pixel_values=torch.randn(2, 3, 32, 32), labels=torch.tensor([0, 1])).loss
     loss.backward()
-    # test_efficientnet's two strided depthwise convolutions, only when training in bf16
-    assert own_gradients.count("input_grad") == (2 if bf16 else 0)
+    # test_efficientnet's two strided depthwise convolutions
+    assert own_gradients.count("input_grad") == (2 if bf16 and native else 0)
 
 
-def test_finetune_at_precision_16_uses_it_and_saves_a_working_model(demo_dir, tmp_path, own_gradients):
-    """Through the whole finetune job: the faster gradients are computed, and the model trains
-    and saves as on the plain path."""
+def test_finetune_at_precision_16_uses_it_and_saves_a_working_model(demo_dir, tmp_path, own_gradients,
+                                                                     stated_cpu):
+    """Through the whole finetune job on a CPU with native bf16 (stated): the faster gradients
+    are computed, and the model trains and saves as on the plain path."""
     from visiontune.inference import Classifier
     from visiontune.training.finetune import finetune
 
@@ -222,6 +238,7 @@ def test_finetune_at_precision_16_uses_it_and_saves_a_working_model(demo_dir, tm
     given = {"model_path": str(model), "training_data": str(train), "task_name": MULTICLASS,
              "output_dir_pytorch": str(tmp_path / "out"), "image_height": "32", "image_width": "32",
              "max_steps": "2", "precision": "16", "save_as_mlflow_model": "false"}
+    stated_cpu(True)
     finetune(resolve(FINETUNE_INPUTS, given))
     assert "input_grad" in own_gradients
     logits = Classifier(tmp_path / "out", device="cpu").logits(random_images(2))

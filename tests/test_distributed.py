@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import subset
+from conftest import needs_native_bf16, subset
 from visiontune.cli import main
 from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, MULTILABEL, resolve
 from visiontune.training.finetune import finetune
@@ -312,6 +312,7 @@ def test_one_process_world_is_described_and_taken_away_again(monkeypatch):
     assert not distributed.start_one_process_world()  # a launcher described the group already
 
 
+@needs_native_bf16
 def test_torchrun_bf16_cnn_with_the_fast_depthwise_backward(datasets, tmp_path):
     """precision 16 on the CPU under DDP: the depthwise convolutions' own backward feeds DDP's
     gradient all-reduce, and the run trains and finishes on every rank."""

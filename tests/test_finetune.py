@@ -212,10 +212,26 @@ def test_auto_find_batch_size_halves_on_out_of_memory(tiny_vit, digits, tmp_path
     assert _state(sorted((tmp_path / "oom").glob("checkpoint-*"))[-1])["train_batch_size"] == 4
 
 
-def test_precision_16_trains_in_bf16_on_the_cpu(tiny_vit, digits, tmp_path):
-    result = run(tiny_vit, digits, tmp_path / "bf16", number_of_epochs=1, precision=16)
-    args = json.loads((tmp_path / "bf16" / "finetune_args.json").read_text())
-    assert any("bf16" in n for n in args["notes"])
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "emulated-bf16"])
+def test_precision_16_trains_in_bf16_only_on_a_cpu_with_native_bf16(tiny_vit, digits, tmp_path,
+                                                                      stated_cpu, native):
+    """The CPU kind is stated; the Trainer's own arguments and the saved notes say the same."""
+    from transformers import TrainerCallback
+
+    seen = {}
+
+    class Precision(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen.update(bf16=args.bf16, fp16=args.fp16)
+
+    stated_cpu(native, "AVX512" if native else "AVX2")
+    result = run(tiny_vit, digits, tmp_path / "p16", number_of_epochs=1, precision=16,
+                 callbacks=[Precision()])
+    assert seen == {"bf16": native, "fp16": False}
+    notes = json.loads((tmp_path / "p16" / "finetune_args.json").read_text())["notes"]
+    want = "runs as bf16 mixed precision" if native else "runs as float32: this CPU has no native bf16 (AVX2)"
+    assert any(want in n for n in notes), notes
+    assert any(n.startswith("CPU ") and f"bf16 autocast {'on' if native else 'off'}" in n for n in notes)
     assert np.isfinite(result.metrics["loss"])
 
 

@@ -220,7 +220,7 @@ FINETUNE_INPUTS: tuple[Input, ...] = (
           "the other inputs."),
     Input("gradient_accumulation_step", "int", "Batches accumulated per optimizer step.", minimum=1,
           auto=True),
-    Input("precision", "int", "16: mixed precision (fp16/bf16 on GPU, bf16 on CPU); 32: full.",
+    Input("precision", "int", "16: mixed precision (fp16/bf16 on GPU; bf16 on a CPU with native bf16, float32 on others); 32: full.",
           default=32, choices=(16, 32)),
     Input("label_smoothing_factor", "float", "Label smoothing in [0, 1); multi-class only.",
           minimum=0, below=1, auto=True),

@@ -17,10 +17,9 @@ oneDNN runs fast:
 - weight gradient: each sample's input convolved with its own output gradient as the kernel
   (dilated by the stride, padded by the convolution itself), summed over the batch in float32.
 
-Measured on 2 CPU cores (BENCHMARKS.md), at precision 16: the EfficientNet-Lite0 training
-step runs 1.75x as fast, and ``visiontune finetune`` trains 1.6x as many images per second.
-Float32 and everything else keep PyTorch's own kernels, which are fast there: a float32 run
-is bit-identical with or without this.
+Measured and accurate on CPUs with native bf16 (AVX-512 BF16 or AMX; BENCHMARKS.md); the
+Trainer uses it only there (``hardware.py``). Float32 and everything else keep PyTorch's own
+kernels, which are fast there: a float32 run is bit-identical with or without this.
 
 Enabled while the model runs its training forward pass (``fast_depthwise()``), so the
 convolutions it records get this backward; under ``torch.no_grad`` nothing changes. Switch it

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from visiontune.errors import UserError
+from visiontune.hardware import CpuKind, cpu_bf16, cpu_kind, cpu_paths
 from visiontune.inputs import MULTICLASS, MULTILABEL
 
 log = logging.getLogger(__name__)
@@ -189,8 +190,10 @@ def extra_optimizer_settings(optim: str, extra: dict[str, Any]) -> tuple[dict[st
     return fields, (",".join(optim_args) or None)
 
 
-def plan_training(values: dict[str, Any], *, use_cpu: bool, bf16_ok: bool) -> Plan:
-    """Map checked, defaulted values onto TrainingArguments keywords."""
+def plan_training(values: dict[str, Any], *, use_cpu: bool, bf16_ok: bool,
+                  cpu: CpuKind | None = None) -> Plan:
+    """Map checked, defaulted values onto TrainingArguments keywords. ``bf16_ok``: the GPU runs
+    bf16 natively; ``cpu``: the CPU's kind on a CPU-only run (default: this machine's)."""
     notes = check_inputs(values)
     optim = OPTIMIZER_NAMES.get(values["optimizer"], values["optimizer"])
     extra = parse_extra_optim_args(values["extra_optim_args"])
@@ -199,10 +202,18 @@ def plan_training(values: dict[str, Any], *, use_cpu: bool, bf16_ok: bool) -> Pl
         notes.append(f"extra_optim_args sets {key}={value} (it wins over the other inputs)")
 
     precision: dict[str, Any] = {}
-    if values["precision"] == 16:
-        if use_cpu or bf16_ok:
+    if use_cpu:
+        cpu = cpu or cpu_kind()
+        if values["precision"] == 16:
+            bf16, note = cpu_bf16(cpu)
+            precision["bf16"] = bf16
+            notes.append(note)
+        notes.append(cpu_paths(cpu, bf16=bool(precision.get("bf16")),
+                               deepspeed=values["apply_deepspeed"]))
+    elif values["precision"] == 16:
+        if bf16_ok:
             precision["bf16"] = True
-            notes.append("precision 16 runs as bf16 mixed precision" + (" on the CPU" if use_cpu else ""))
+            notes.append("precision 16 runs as bf16 mixed precision")
         else:
             precision["fp16"] = True
 

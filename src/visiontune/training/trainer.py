@@ -15,11 +15,10 @@ batches, the mean-then-divide loss equals the loss of one batch k times larger, 
 (gradients averaged over ranks) that of one batch world-size times larger: the same global batch
 trains the same way however it is split.
 
-The training forward pass runs under ``models.depthwise.fast_depthwise``: on the CPU in
-bfloat16, depthwise convolutions get a faster backward (1.75x for an EfficientNet-Lite0 step).
-It also runs under ``models.hardtanh.inplace_hardtanh``: in-place ReLU6 layers keep their output
-for the backward pass instead of a copy of their input (90 MB less at the peak of an
-EfficientNet-Lite0 step in float32).
+On the CPU the training forward pass runs under ``models.depthwise.fast_depthwise`` (in bf16,
+on CPUs with native bf16: a faster depthwise-convolution backward) and
+``models.hardtanh.inplace_hardtanh`` (in-place ReLU6 layers keep their output for the backward
+pass instead of a copy of their input). BENCHMARKS.md has what each saves.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ import logging
 import numpy as np
 from transformers import Trainer
 
+from visiontune.hardware import cpu_kind, fast_depthwise_applies
 from visiontune.inputs import MULTILABEL
 from visiontune.models.depthwise import fast_depthwise
 from visiontune.models.hardtanh import inplace_hardtanh
@@ -60,13 +60,14 @@ class VisionTrainer(Trainer):
 
     def compute_loss_context_manager(self) -> contextlib.ExitStack:
         # Entered for the forward pass of each training and evaluation step; only training
-        # steps (the model in train mode) record a backward. Only where it can act (bf16 on the
-        # CPU), and not under DeepSpeed or FSDP, which manage the weights the backward reads.
+        # steps (the model in train mode) record a backward. CPU only, where both were measured;
+        # the depthwise backward only in bf16 on a CPU with native bf16 (hardware.py), and not
+        # under DeepSpeed or FSDP, which manage the weights the backward reads.
         stack = super().compute_loss_context_manager()
+        on_cpu = self.model.training and self.args.device.type == "cpu"
         stack.enter_context(fast_depthwise(
-            self.model.training and self._plain() and self.args.bf16
-            and self.args.device.type == "cpu"))
-        stack.enter_context(inplace_hardtanh(self.model.training))
+            on_cpu and self._plain() and self.args.bf16 and fast_depthwise_applies(cpu_kind())))
+        stack.enter_context(inplace_hardtanh(on_cpu))
         return stack
 
     def _load_weights(self, folder: str, model=None) -> None:
