@@ -90,3 +90,29 @@ def stated_cpu(monkeypatch):
 
     yield state
     hardware.cpu_kind.cache_clear()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``tmpfs(read_only=False)``: a fresh tmpfs mounted on a new folder, as Azure ML mounts each
+    output (a mount point of its own file system); unmounted after the test. Skipped where
+    mounts are not permitted (they need root)."""
+    import subprocess
+
+    mounted = []
+
+    def mount(read_only: bool = False) -> Path:
+        point = tmp_path / f"mount{len(mounted)}"
+        point.mkdir()
+        options = "size=64m" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or 'mount failed'}); "
+                        "the mounted-output tests need root")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)

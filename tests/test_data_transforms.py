@@ -230,3 +230,32 @@ def test_compose_leaves_other_inputs_to_torchvision():
     torch.manual_seed(0)
     got = fast(*pair)
     assert torch.equal(got[0], expected[0]) and int(got[1]) == 3
+
+
+def test_seeded_training_items_do_not_depend_on_order_or_the_random_state(tmp_path):
+    """Each item's augmentation comes from (seed, epoch, index): the same in any order, new each
+    epoch, and the caller's random state (dropout's) is left as it was."""
+    from PIL import Image
+
+    from visiontune.data.dataset import ImageDataset
+    from visiontune.data.sources import Record
+
+    records = []
+    for i in range(4):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(image(40, 40, seed=i).permute(1, 2, 0).numpy()).save(path)
+        records.append(Record(str(path), "a", f"{path}"))
+    dataset = ImageDataset(records, ["a"], "image-classification", train_transform(PRE, augment=True),
+                           image_cache=False, seed=7)
+    torch.manual_seed(0)
+    expected_next = torch.rand(3)
+    torch.manual_seed(0)
+    forward = [dataset[i]["pixel_values"] for i in range(4)]
+    assert torch.equal(torch.rand(3), expected_next)  # loading drew nothing from it
+    backward = [dataset[i]["pixel_values"] for i in reversed(range(4))][::-1]
+    assert all(torch.equal(a, b) for a, b in zip(forward, backward))
+    assert not torch.equal(forward[0], forward[1])
+    dataset.set_epoch(1)
+    assert not torch.equal(dataset[0]["pixel_values"], forward[0])
+    dataset.set_epoch(0)
+    assert torch.equal(dataset[0]["pixel_values"], forward[0])

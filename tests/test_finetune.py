@@ -142,9 +142,17 @@ def test_resume_equals_an_uninterrupted_run(tiny_vit, digits, tmp_path):
     half = tmp_path / "resumed" / "checkpoint-999"
     half.mkdir()
     (half / "config.json").write_text("{}")
+    trained = []
+
+    class Steps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            trained.append(state.global_step)
+
     resumed = run(tiny_vit, digits, tmp_path / "resumed", number_of_epochs=2,
-                  resume_from_checkpoint=True)
+                  resume_from_checkpoint=True, callbacks=[Steps()])
     assert not half.exists()
+    first = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "resumed").glob("checkpoint-*"))[0]
+    assert trained == list(range(first + 1, 2 * first + 1))  # only the steps after the checkpoint
     assert _state(sorted((tmp_path / "resumed").glob("checkpoint-*"))[-1])["global_step"] == \
         _state(sorted((tmp_path / "whole").glob("checkpoint-*"))[-1])["global_step"]
     w1 = load_file(tmp_path / "whole" / "model.safetensors")
@@ -153,6 +161,67 @@ def test_resume_equals_an_uninterrupted_run(tiny_vit, digits, tmp_path):
         torch.testing.assert_close(w1[key], w2[key], rtol=0, atol=0)
     assert resumed.metrics["loss"] == whole.metrics["loss"]
     assert resumed.metrics["accuracy"] == whole.metrics["accuracy"]
+
+
+@pytest.fixture(scope="module")
+def tiny_vit_dropout(tiny_vit, tmp_path_factory):
+    """The tiny ViT with dropout, so that resuming must also restore the training's random state."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("vit_dropout") / "model"
+    shutil.copytree(tiny_vit, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("accumulation,augment,stop_at", [(1, True, 8), (2, True, 4), (1, False, 8)],
+                         ids=["augmented", "accumulated", "plain"])
+def test_resume_in_the_middle_of_an_epoch_equals_an_uninterrupted_run(
+        tiny_vit_dropout, digits, tmp_path, accumulation, augment, stop_at):
+    """48 images in batches of 8: stopped at a checkpoint inside the second epoch, resumed, and
+    the same weights, the same losses at every step, each step logged once; the resumed run
+    trains exactly the steps after the checkpoint."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    class Stop(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            control.should_training_stop = state.global_step >= stop_at
+
+    class Steps(TrainerCallback):
+        trained: list[int] = []
+
+        def on_step_end(self, args, state, control, **kw):
+            self.trained.append(state.global_step)
+
+    common = dict(number_of_epochs=2, apply_augmentations=augment, gradient_accumulation_step=accumulation,
+                  save_strategy="steps", save_steps=2, evaluation_strategy="steps", evaluation_steps=2,
+                  logging_strategy="steps", logging_steps=1, save_total_limit=-1)
+    whole = run(tiny_vit_dropout, digits, tmp_path / "whole", **common)
+    run(tiny_vit_dropout, digits, tmp_path / "resumed", callbacks=[Stop()], **common)
+    assert _state(tmp_path / "resumed" / f"checkpoint-{stop_at}")["epoch"] % 1 != 0  # mid-epoch
+    # as if killed later: a step logged after the checkpoint, and a line torn by the kill
+    with (tmp_path / "resumed" / "metrics.jsonl").open("a") as log:
+        log.write(json.dumps({"step": stop_at + 1, "loss": 123.0}) + '\n{"step": ')
+    steps = Steps()
+    resumed = run(tiny_vit_dropout, digits, tmp_path / "resumed", resume_from_checkpoint=True,
+                  callbacks=[steps], **common)
+    total = 12 // accumulation
+    assert steps.trained == list(range(stop_at + 1, total + 1))
+    w1, w2 = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    for key in w1:
+        assert torch.equal(w1[key], w2[key]), key
+    assert resumed.metrics == whole.metrics
+
+    def history(folder):
+        rows = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], r.get("loss"), r.get("eval_loss")) for r in rows if "loss" in r or "eval_loss" in r]
+
+    assert history(tmp_path / "resumed") == history(tmp_path / "whole")
+    logged = [step for step, loss, _ in history(tmp_path / "resumed") if loss is not None]
+    assert logged == list(range(1, total + 1))
 
 
 def test_max_steps_overrides_epochs_and_accumulation_counts_updates(tiny_vit, digits, tmp_path):

@@ -29,13 +29,22 @@ class ImageDataset(torch.utils.data.Dataset):
 
     ``image_cache`` (default: ``$VISIONTUNE_IMAGE_CACHE``, on): for the transforms of
     ``visiontune.data.transforms``, decode every image once at construction into the
-    decoded-image cache (``visiontune.data.cache``) and read it from there afterwards."""
+    decoded-image cache (``visiontune.data.cache``) and read it from there afterwards.
+
+    ``seed`` (for random transforms): each item is transformed with torch's random state seeded
+    from (seed, epoch, index) and then put back, so an item's augmentation does not depend on
+    which process loads it or in what order, and loading draws nothing from the random state
+    that training uses (dropout): a run resumed in the middle of an epoch sees the same
+    augmentations and the same dropout as the run it continues. ``set_epoch`` before each
+    epoch (persistent data-loader workers see it too: the epoch is in shared memory)."""
 
     def __init__(
         self, records: Sequence[Record], classes: list[str], task: str,
         transform: Callable[[torch.Tensor], torch.Tensor],
-        *, image_cache: bool | None = None, cache_dir: str | None = None,
+        *, image_cache: bool | None = None, cache_dir: str | None = None, seed: int | None = None,
     ) -> None:
+        self.seed = seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_() if seed is not None else None
         self.records = list(records)
         self.classes = list(classes)
         self.task = check_task(task)
@@ -89,9 +98,28 @@ class ImageDataset(torch.utils.data.Dataset):
             raise DataError(f"{record.where}: {exc}") from None
         return hwc_tensor(image)
 
+    def set_epoch(self, epoch: int) -> None:
+        if self._epoch is not None:
+            self._epoch.fill_(int(epoch))
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        pixel_values = self.transform(self.pixels(index))
+        pixels = self.pixels(index)
+        if self.seed is None:
+            pixel_values = self.transform(pixels)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(item_seed(self.seed, int(self._epoch), index))
+                pixel_values = self.transform(pixels)
         return {"pixel_values": pixel_values.contiguous(), "labels": self._labels[index]}
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """A seed for one item of one epoch, distinct across items and epochs (SplitMix64 mixing)."""
+    mask = (1 << 64) - 1
+    z = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) >> 1  # torch.manual_seed takes up to 2**63
 
 
 def _plan_for(transform):

@@ -48,6 +48,40 @@ class CompleteCheckpointCallback(TrainerCallback):
         return control
 
 
+class DatasetEpochCallback(TrainerCallback):
+    """Tells the training dataset which epoch begins (its per-item augmentation seeds use it),
+    a resumed epoch included; accelerate's own ``set_epoch`` does not reach it under DDP."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # state.epoch is the epoch's index at its start, and index + fraction done on resume
+        self.dataset.set_epoch(int((state.epoch or 0.0) + 1e-9))
+        return control
+
+
+def trim_metrics_log(path: Path, last_step: int) -> int:
+    """Drop the lines of steps after ``last_step`` (trained again after a resume). Returns how
+    many were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            step = json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):
+            step = last_step + 1  # a torn line from a killed run
+        if isinstance(step, int) and step <= last_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return dropped
+
+
 class MetricsLogCallback(TrainerCallback):
     """Every log and evaluation as one JSON line, and a plain line on the console."""
 

@@ -7,6 +7,7 @@ the model is loaded, so a bad dataset fails before the expensive part.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,11 +22,12 @@ import numpy as np
 from visiontune import malloc
 from visiontune.errors import UserError
 from visiontune.inputs import MULTILABEL
+from visiontune.outputs import FolderLock, check_folder, is_visiontune_mlflow_model
 from visiontune.training import distributed
 from visiontune.training.arguments import plan_training
 from visiontune.training.callbacks import (
-    METRICS_LOG, CompleteCheckpointCallback, MetricsLogCallback, list_checkpoints,
-    newest_complete_checkpoint, remove_incomplete_checkpoints,
+    METRICS_LOG, CompleteCheckpointCallback, DatasetEpochCallback, MetricsLogCallback,
+    list_checkpoints, newest_complete_checkpoint, remove_incomplete_checkpoints, trim_metrics_log,
 )
 from visiontune.training.defaults import apply_defaults
 
@@ -169,6 +171,9 @@ def _clean_output_dir(out: Path, resume: bool) -> Path | None:
                         "beginning", out)
         else:
             log.info("resuming from %s", checkpoint)
+            step = int(checkpoint.name.rsplit("-", 1)[1])
+            if trim_metrics_log(out / METRICS_LOG, step):  # those steps are trained again
+                log.info("%s: the lines after step %d (trained again now) removed", METRICS_LOG, step)
         return checkpoint
     old = list_checkpoints(out)
     if old:
@@ -182,12 +187,34 @@ def _clean_output_dir(out: Path, resume: bool) -> Path | None:
     return None
 
 
+def _earlier_run(folder: Path) -> bool:
+    """An output folder of an earlier fine-tune (its files may be replaced)."""
+    return any((folder / name).exists() for name in (ARGS_FILE, METRICS_LOG, "trainer_state.json")) \
+        or any(folder.glob("checkpoint-*"))
+
+
+def check_outputs(values: dict[str, Any]) -> None:
+    """Every output location, checked by rank 0 before any data or model is loaded."""
+    if not _is_main_process():
+        return
+    out = Path(values["output_dir_pytorch"])
+    if values.get("model_path") and Path(values["model_path"]).resolve() == out.resolve():
+        raise UserError("--output_dir_pytorch: must not be the --model_path folder (the model "
+                        "would be overwritten while it is read); give another folder")
+    check_folder(out, "output_dir_pytorch", replaceable=_earlier_run)
+    if values["save_as_mlflow_model"]:
+        check_folder(values["output_dir_mlflow"], "output_dir_mlflow",
+                     replaceable=is_visiontune_mlflow_model, create=False)
+
+
 def check_finetune_inputs(values: dict[str, Any], model_name: str | None) -> None:
-    """Every cross-input rule, before a model exists (the pipeline checks before importing)."""
+    """Every cross-input rule and output location, before a model exists (the pipeline
+    checks before importing)."""
     distributed.check_launch_environment()
     use_cpu, bf16_ok = _device_flags()
     resolved, _ = apply_defaults(dict(values), values["task_name"], model_name)
     plan_training(resolved, use_cpu=use_cpu, bf16_ok=bf16_ok)
+    check_outputs(resolved)
 
 
 def finetune(values: dict[str, Any], *, callbacks: Iterable[Any] = (), data=None) -> FinetuneResult:
@@ -198,7 +225,8 @@ def finetune(values: dict[str, Any], *, callbacks: Iterable[Any] = (), data=None
     Under torchrun or Azure ML's distribution every process calls this; each returns only after
     rank 0 has written every output (see training/distributed.py)."""
     try:
-        return _finetune(values, callbacks=callbacks, data=data)
+        with contextlib.ExitStack() as stack:
+            return _finetune(values, callbacks=callbacks, data=data, stack=stack)
     except BaseException:
         distributed.leave_after_failure()
         raise
@@ -206,7 +234,8 @@ def finetune(values: dict[str, Any], *, callbacks: Iterable[Any] = (), data=None
         distributed.end_one_process_world()
 
 
-def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data) -> FinetuneResult:
+def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data,
+              stack: contextlib.ExitStack) -> FinetuneResult:
     values = dict(values)
     task = values["task_name"]
     model_dir = check_model_folder(values["model_path"])
@@ -224,6 +253,9 @@ def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data) -> Fine
         from visiontune.onnx_export import check_apply_ort
 
         check_apply_ort()  # missing packages fail here, before any data or model is loaded
+    check_outputs(values)
+    if _is_main_process():  # held until every output is written
+        stack.enter_context(FolderLock(Path(values["output_dir_pytorch"]), "output_dir_pytorch"))
     _print_plan(values, sources, plan.notes)
 
     # Data before model: a bad dataset fails before anything heavy is loaded.
@@ -262,7 +294,8 @@ def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data) -> Fine
     processor = load_image_processor(model_dir)
     pre = resolve_preprocessing(processor, values["image_height"], values["image_width"])
     train_ds = ImageDataset(data.train, data.classes, task,
-                            train_transform(pre, values["apply_augmentations"]))
+                            train_transform(pre, values["apply_augmentations"]),
+                            seed=values["random_seed"])
     val_ds = ImageDataset(data.validation, data.classes, task, eval_transform(pre))
 
     if not _is_main_process():
@@ -274,7 +307,8 @@ def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data) -> Fine
     if plan.deepspeed_config is None:  # DeepSpeed flattens the weights into its own buffers
         model = prefer_channels_last(model)
     threshold = values["multilabel_threshold"]
-    trainer_callbacks = [CompleteCheckpointCallback(), MetricsLogCallback(out / METRICS_LOG, show_lines)]
+    trainer_callbacks = [CompleteCheckpointCallback(), DatasetEpochCallback(train_ds),
+                         MetricsLogCallback(out / METRICS_LOG, show_lines)]
     if values["early_stopping"]:
         trainer_callbacks.append(EarlyStoppingCallback(values["early_stopping_patience"]))
     trainer = VisionTrainer(
