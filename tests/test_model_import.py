@@ -364,7 +364,7 @@ def test_non_empty_output_dir_is_refused(tiny, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(UserError, match="not empty"):
+    with pytest.raises(UserError, match="did not write"):
         import_model(model_name=str(tiny["vit"]), output_dir=out)
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
@@ -402,3 +402,15 @@ def test_cli_bad_input_is_one_line(tmp_path, args, words):
     assert run.returncode == 2
     assert len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert words in run.stderr and "Traceback" not in run.stderr
+
+
+def test_import_into_a_mount_point_fills_it_in_place(tiny, tmpfs):
+    """An output that is a file system of its own (Azure ML mounts each output): nothing is
+    moved in from another file system and the folder itself stays; an import there replaces
+    an earlier one."""
+    out = tmpfs()
+    for kind in ("vit", "resnet"):
+        import_model(model_name=str(tiny[kind]), output_dir=out)
+        assert out.is_mount() and read_model_metadata(out)["model_name"] == str(tiny[kind])
+        torch.testing.assert_close(_logits(out), _logits(tiny[kind]), rtol=0, atol=0)
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]

@@ -12,6 +12,7 @@ with one line before any data or model is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -79,11 +80,20 @@ def staged(folder: Path, *, complete_marker: str, keep: Callable[[str], bool] = 
            ) -> Iterator[Path]:
     """Yields an empty staging folder inside ``folder``; when the block succeeds, its entries
     replace ``folder``'s (those ``keep`` names stay), ``complete_marker`` removed first and moved
-    in last. On failure the staging folder is removed and ``folder`` is left as it was."""
+    in last. On failure the staging folder is removed and ``folder`` is left as it was (not
+    there, when it was not)."""
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
     try:
-        yield staging
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            if created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only if empty
+            raise
         (folder / complete_marker).unlink(missing_ok=True)  # incomplete from here
         new = {p.name for p in staging.iterdir()}
         for old in folder.iterdir():

@@ -8,9 +8,9 @@ Sources (Azure semantics: a folder input wins over ``model_name``):
 
 The output folder holds the model at its top level (config.json, weights as safetensors,
 preprocessor_config.json), so ``from_pretrained(output_dir)`` works directly, and
-``model_selector_args.json`` describing where it came from. It is assembled in a temporary
-folder beside ``output_dir`` and moved in with the metadata file last, so an import that fails
-never leaves a folder that looks complete.
+``model_selector_args.json`` describing where it came from. It is assembled in a staging
+folder inside ``output_dir`` (``outputs.staged``: the folder may be a mount point) and moved in
+with the metadata file last, so an import that fails never leaves a folder that looks complete.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 from visiontune import __version__
 from visiontune.errors import UserError
 from visiontune.models.builtin import BUILTIN_MODELS, PROCESSOR_FILE, write_timm_processor_config
+from visiontune.outputs import LOCK_FILE, check_folder, staged
 
 log = logging.getLogger(__name__)
 
@@ -377,36 +377,19 @@ def _trained_here(root: Path, model_dir: Path) -> bool:
     return any((d / m).exists() for d in (root, model_dir) for m in marks) or any(root.glob("checkpoint-*"))
 
 
+def _earlier_import(folder: Path) -> bool:
+    """Only an earlier import may be replaced: never a folder we did not write."""
+    names = [p.name for p in folder.iterdir() if p.name != LOCK_FILE]
+    return (folder / METADATA_FILE).is_file() and all(
+        (folder / n).is_file()
+        and (n in _WRITTEN or re.fullmatch(r"model-\d+-of-\d+\.safetensors", n)) for n in names)
+
+
 def _prepare_output(output_dir: Path, sources: list[Path]) -> None:
     for src in sources:
         if output_dir == src or src in output_dir.parents:
             raise UserError(f"--output_dir: {output_dir} must not be the input folder or inside it")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output_dir: {output_dir} is a file")
-    if output_dir.is_dir() and any(output_dir.iterdir()):
-        # Only an earlier import may be replaced: never overwrite a folder we did not write.
-        names = sorted(p.name for p in output_dir.iterdir())
-        ours = (output_dir / METADATA_FILE).is_file() and all(
-            (output_dir / n).is_file()
-            and (n in _WRITTEN or re.fullmatch(r"model-\d+-of-\d+\.safetensors", n)) for n in names
-        )
-        if not ours:
-            raise UserError(
-                f"--output_dir: {output_dir} is not empty ({', '.join(names[:5])}); "
-                "use an empty or new folder (an earlier import there may be replaced)"
-            )
-
-
-def _move_into(tmp: Path, output_dir: Path) -> None:
-    """Replace an earlier import in ``output_dir`` with ``tmp``'s files, metadata file last."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / METADATA_FILE).unlink(missing_ok=True)  # the folder is incomplete from here
-    for old in output_dir.iterdir():
-        if old.is_file():
-            old.unlink()
-    names = sorted(p.name for p in tmp.iterdir() if p.name != METADATA_FILE)
-    for name in [*names, METADATA_FILE]:
-        os.replace(tmp / name, output_dir / name)
+    check_folder(output_dir, "output_dir", replaceable=_earlier_import, create=False)
 
 
 def import_model(*, model_name: str | None = None, pytorch_model: str | Path | None = None,
@@ -447,9 +430,8 @@ def import_model(*, model_name: str | None = None, pytorch_model: str | Path | N
             _check_config(model_dir, option)
     _prepare_output(output_dir, [root] if root is not None and source != "hub" else [])
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.importing-", dir=output_dir.parent))
-    try:
+    # Assembled inside output_dir (which may be a mount point) and moved into place there.
+    with staged(output_dir, complete_marker=METADATA_FILE) as tmp:
         with _quiet_transformers():
             if source == "builtin":
                 metadata = _assemble_builtin(model_name.lower(), tmp)
@@ -458,9 +440,6 @@ def import_model(*, model_name: str | None = None, pytorch_model: str | Path | N
         write_model_metadata(tmp, metadata)
         for path in tmp.iterdir():  # save_pretrained writes 0600 files; make them readable
             path.chmod(0o644)
-        _move_into(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("imported %s (%s) into %s", metadata["model_name"], source, output_dir)
     return output_dir
 
