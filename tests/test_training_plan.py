@@ -8,6 +8,7 @@ from transformers import TrainingArguments
 
 from visiontune import inputs as I
 from visiontune.errors import UserError
+from visiontune.hardware import CpuKind
 from visiontune.training.arguments import parse_extra_optim_args, plan_training, read_deepspeed_config
 from visiontune.training.defaults import apply_defaults
 
@@ -20,10 +21,14 @@ def values(tmp_path, **over):
     return I.resolve(I.FINETUNE_INPUTS, given)
 
 
-def planned(tmp_path, model=None, **over):
+NATIVE_BF16 = CpuKind("AVX512", native_bf16=True)
+
+
+def planned(tmp_path, model=None, cpu=NATIVE_BF16, **over):
+    """The plan on a CPU-only machine of a stated kind (default: one with native bf16)."""
     v = values(tmp_path, **over)
     v, sources = apply_defaults(v, v["task_name"], model, tmp_path)
-    plan = plan_training(v, use_cpu=True, bf16_ok=False)
+    plan = plan_training(v, use_cpu=True, bf16_ok=False, cpu=cpu)
     return v, sources, plan
 
 
@@ -227,6 +232,8 @@ def test_deepspeed_precision_follows_the_precision_input(tmp_path):
     config, notes = ds.merge({"fp16": {"enabled": True}}, cpu, 1)
     assert notes == ["deepspeed_config: fp16.enabled true replaced by false (precision 16 runs as bf16)"]
     assert config["bf16"] == {"enabled": "auto"}
+    emulated = ds_args(tmp_path, precision="16", cpu=CpuKind("AVX2", native_bf16=False))
+    assert not emulated["bf16"] and not emulated.get("fp16")  # float32 there (hardware.py)
 
 
 def test_zero3_saves_whole_weights(tmp_path):
