@@ -343,6 +343,33 @@ def test_bad_inputs_stop_before_loading_anything(tmp_path, tiny_vit, capsys):
     assert not (tmp_path / "o").exists()
 
 
+AZURE_TRACKING = ("azureml://eastus.api.azureml.ms/mlflow/v1.0/subscriptions/0000/resourceGroups/rg/"
+                  "providers/Microsoft.MachineLearningServices/workspaces/ws")
+
+
+def test_tracking_that_cannot_be_used_never_fails_the_run(tiny_vit, digits, tmp_path, monkeypatch, caplog):
+    """Azure's azureml:// URI without its plugin: a note, and training as usual. A server that
+    does not answer: one warning, and training as usual."""
+    import socket
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", AZURE_TRACKING)
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0123456789abcdef")
+    result = run(tiny_vit, digits, tmp_path / "azure", number_of_epochs=1)
+    notes = json.loads((tmp_path / "azure" / "finetune_args.json").read_text())["notes"]
+    assert any("MLflow tracking is off: MLFLOW_TRACKING_URI is a azureml:// URI" in n
+               and "azureml-mlflow" in n and "0000" not in n for n in notes), notes
+    assert np.isfinite(result.metrics["loss"])
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:secret@127.0.0.1:{closed.getsockname()[1]}")
+        monkeypatch.delenv("MLFLOW_RUN_ID")
+        with caplog.at_level("WARNING", logger="visiontune.training"):
+            result = run(tiny_vit, digits, tmp_path / "down", number_of_epochs=1)
+    warnings = [r.getMessage() for r in caplog.records if "MLflow tracking failed" in r.getMessage()]
+    assert len(warnings) == 1 and "secret" not in warnings[0]
+    assert np.isfinite(result.metrics["loss"]) and (tmp_path / "down" / "model.safetensors").is_file()
+
+
 def test_metrics_go_to_mlflow_tracking_when_configured(tiny_vit, digits, tmp_path, monkeypatch):
     import mlflow
 

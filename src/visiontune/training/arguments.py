@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from visiontune.errors import UserError
 from visiontune.hardware import CpuKind, cpu_bf16, cpu_kind, cpu_paths
 from visiontune.inputs import MULTICLASS, MULTILABEL
+from visiontune.training.tracking import plan_tracking
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +116,7 @@ class Plan:
     training_args: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     deepspeed_config: dict[str, Any] | None = None
+    mlflow_tracking: bool = False  # training/tracking.py: the Trainer's MLflow callback, guarded
 
 
 def check_inputs(values: dict[str, Any]) -> list[str]:
@@ -250,8 +251,8 @@ def plan_training(values: dict[str, Any], *, use_cpu: bool, bf16_ok: bool,
         dataloader_persistent_workers=values["number_of_workers"] > 0,
         dataloader_pin_memory=not use_cpu,
         remove_unused_columns=False,
-        # MLflow tracking when the user points at a tracking server (Trainer's MLflowCallback).
-        report_to=["mlflow"] if os.environ.get("MLFLOW_TRACKING_URI") else [],
+        # MLflow tracking, when asked for, through a callback that cannot fail the run.
+        report_to=[],
         use_cpu=use_cpu,
         # BCE has no token count: averaging "tokens" across ranks would scale the loss by the
         # world size (environment.md). Cross-entropy over images has the same semantics.
@@ -260,6 +261,9 @@ def plan_training(values: dict[str, Any], *, use_cpu: bool, bf16_ok: bool,
         **precision,
     )
     args.update(extra_fields)
+    tracking, note = plan_tracking()
+    if note:
+        notes.append(note)
     ds_config = None
     if values["apply_deepspeed"]:
         from visiontune.training import distributed
@@ -273,4 +277,4 @@ def plan_training(values: dict[str, Any], *, use_cpu: bool, bf16_ok: bool,
             notes.append("apply_deepspeed without a distributed launcher: DeepSpeed runs as a "
                          "one-process group; launch with torchrun (or Azure ML's distribution) "
                          "to train on several GPUs")
-    return Plan(training_args=args, notes=notes, deepspeed_config=ds_config)
+    return Plan(training_args=args, notes=notes, deepspeed_config=ds_config, mlflow_tracking=tracking)

@@ -311,6 +311,10 @@ def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data,
                          MetricsLogCallback(out / METRICS_LOG, show_lines)]
     if values["early_stopping"]:
         trainer_callbacks.append(EarlyStoppingCallback(values["early_stopping_patience"]))
+    if plan.mlflow_tracking:
+        from visiontune.training.tracking import tracking_callback
+
+        trainer_callbacks.append(tracking_callback())
     trainer = VisionTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
         compute_metrics=_scalar_metrics(task, threshold, len(val_ds),
