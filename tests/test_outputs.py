@@ -186,3 +186,35 @@ def test_a_write_killed_midway_leaves_no_complete_marker_and_its_staging_is_clea
     assert any(p.name.startswith(STAGING_PREFIX) for p in tmp_path.iterdir())
     check_folder(tmp_path, "x")
     assert not any(p.name.startswith(STAGING_PREFIX) for p in tmp_path.iterdir())
+
+
+@pytest.fixture
+def corrupt_model(tiny_vit, tmp_path):
+    import shutil
+
+    folder = tmp_path / "corrupt"
+    shutil.copytree(tiny_vit, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return folder
+
+
+def test_predict_with_damaged_weights_is_one_line(capsys, corrupt_model, tiny_data, tmp_path):
+    code = main(["predict", "--model", str(corrupt_model), "--data", str(tiny_data),
+                 "--output", str(tmp_path / "p.jsonl")])
+    assert code == 2
+    _one_error_line(capsys.readouterr().err, "--model", str(corrupt_model), "cannot load the model")
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_an_output_that_cannot_be_written_stops_before_scoring(capsys, tiny_vit, tiny_data, tmpfs, command):
+    read_only = tmpfs(read_only=True)
+    target = ["--output", str(read_only / "p.jsonl")] if command == "predict" else \
+        ["--output_dir", str(read_only / "report"), "--test_data", str(tiny_data)]
+    data = ["--data", str(tiny_data)] if command == "predict" else []
+    code = main([command, "--model", str(tiny_vit), *data, *target])
+    seen = capsys.readouterr()
+    assert code == 2
+    _one_error_line(seen.err, "--output", "Read-only file system")
+    assert "predicted" not in seen.out and "accuracy" not in seen.out

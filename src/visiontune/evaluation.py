@@ -22,6 +22,7 @@ import numpy as np
 
 from visiontune.errors import DataError, UserError
 from visiontune.inference import METADATA_FILE, MULTILABEL, Classifier, check_threshold
+from visiontune.outputs import check_folder
 from visiontune.prediction import open_model, predicted, score_images
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ ANNOTATED_CELLS_UP_TO = 30  # classes; beyond that the counts in the cells becom
 
 def run_evaluate(values: dict[str, Any]) -> int:
     tune = values.get("tune_thresholds") or "none"
+    if values.get("output_dir"):  # before the model and the data
+        check_folder(values["output_dir"], "output_dir", create=False)
     classifier = open_model(values["model"], values.get("runtime") or "auto")
     task = classifier.task
     if tune != "none" and task != MULTILABEL:

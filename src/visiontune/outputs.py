@@ -61,6 +61,16 @@ def check_folder(path: str | Path, input_name: str, *, replaceable: Callable[[Pa
     return folder
 
 
+def check_file_target(path: str | Path, input_name: str) -> Path:
+    """``path`` as a file this run may write (before any work): not a folder, and its folder
+    creatable and writable. Nothing is created."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise UserError(f"--{input_name}: {target} is a folder; give a file path")
+    check_folder(target.parent, input_name, create=False)
+    return target
+
+
 def _nearest_existing(path: Path) -> Path:
     for parent in [path, *path.parents]:
         if parent.is_dir():

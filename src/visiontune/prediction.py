@@ -25,6 +25,7 @@ import numpy as np
 
 from visiontune.errors import DataError, UserError
 from visiontune.inference import MULTILABEL, Classifier, ClassifierBase, model_folder
+from visiontune.outputs import check_file_target
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def open_model(path: str | Path, runtime: str = "auto") -> ClassifierBase:
     there is no GPU: 2.5x PyTorch's images/s for EfficientNet-Lite0 on the CPU (BENCHMARKS.md).
     Otherwise PyTorch."""
     import torch
+    from safetensors import SafetensorError
 
     from visiontune.onnx_export import find_export, onnxruntime_available, open_onnx_classifier
 
@@ -69,9 +71,11 @@ def open_model(path: str | Path, runtime: str = "auto") -> ClassifierBase:
             log.info("scoring with ONNX Runtime (%s)", export)
             return open_onnx_classifier(export, model_dir)
         return Classifier(model_dir)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        # a damaged or truncated weights file included
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"--model: cannot load the model in {export if use_ort else model_dir}: "
-                        f"{exc}") from None
+                        f"{first}") from None
 
 
 class Progress:
@@ -305,8 +309,8 @@ def output_format(path: str | Path) -> str:
 def run_predict(values: dict[str, Any]) -> int:
     """Predict every image of ``--data`` into ``--output``. Exit code 0 when at least one image
     was predicted, 1 when none could be read."""
-    output = Path(values["output"])
-    fmt = output_format(output)
+    fmt = output_format(values["output"])
+    output = check_file_target(values["output"], "output")  # before the model and the images
     classifier = open_model(values["model"], values.get("runtime") or "auto")
     items = list_images(values["data"], values.get("image_column") or "image_url")
     if not items:
