@@ -1,6 +1,7 @@
 """The decoded-image cache: same items as the plain path (bit-identical for evaluation, within
 resize tolerance for random crops), reuse across datasets, invalidation, switches, limits."""
 
+import io
 import math
 import os
 import time
@@ -152,6 +153,7 @@ def test_entries_are_reused_without_decoding(photo_files, tmp_path, monkeypatch)
 
     monkeypatch.setattr("visiontune.data.dataset.load_image", fail)
     monkeypatch.setattr("visiontune.data.images.load_image", fail)
+    monkeypatch.setattr("visiontune.data.images.decode_image", fail)
     second = dataset(photo_files, eval_transform(PRE), True, tmp_path)
     for i in range(len(second)):
         assert torch.equal(second[i]["pixel_values"], expected[i])
@@ -169,6 +171,39 @@ def test_a_changed_file_is_decoded_again(tmp_path):
     after = dataset([path], eval_transform(PRE), True, cache_dir)[0]["pixel_values"]
     plain = dataset([path], eval_transform(PRE), False, cache_dir)[0]["pixel_values"]
     assert torch.equal(after, plain) and not torch.equal(before, after)
+
+
+def test_a_same_size_replacement_with_the_old_times_is_not_served_stale(tmp_path):
+    """Image B written over image A in place (same file, same byte size), then A's access and
+    modification times set back with os.utime, at once: the cache gives B's pixels."""
+    rng = np.random.default_rng(1)
+    path = tmp_path / "img.bmp"  # uncompressed: every 64 x 48 image has the same byte size
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(path)
+    cache_dir = tmp_path / "cache"
+    first = dataset([path], eval_transform(PRE), True, cache_dir)
+    assert first._entries[0] is not None
+    before = first[0]["pixel_values"]
+    old = os.stat(path)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(buffer, "BMP")
+    with open(path, "r+b") as out:
+        out.write(buffer.getvalue())
+    os.utime(path, ns=(old.st_atime_ns, old.st_mtime_ns))
+    new = os.stat(path)
+    assert (new.st_size, new.st_mtime_ns, new.st_ino) == (old.st_size, old.st_mtime_ns, old.st_ino)
+    again = dataset([path], eval_transform(PRE), True, cache_dir)
+    plain = dataset([path], eval_transform(PRE), False, cache_dir)[0]["pixel_values"]
+    assert not torch.equal(plain, before)
+    assert torch.equal(again[0]["pixel_values"], plain), "served A's pixels for B"
+    assert again._entries[0] is not None  # B is cached now, beside A's entry
+
+
+def test_identical_files_share_one_entry(photo_files, tmp_path):
+    copy = tmp_path / "copy.jpg"
+    copy.write_bytes(photo_files[0].read_bytes())
+    ds = dataset([photo_files[0], copy], eval_transform(PRE), True, tmp_path / "cache")
+    assert ds._entries[0] == ds._entries[1]
+    assert torch.equal(ds[0]["pixel_values"], ds[1]["pixel_values"])
 
 
 def test_switches(photo_files, tmp_path, monkeypatch):

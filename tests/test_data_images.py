@@ -2,8 +2,11 @@
 
 import http.server
 import io
+import os
+import re
 import struct
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -266,3 +269,151 @@ def test_urls_in_annotations_are_verified_and_cached(http_server, tmp_path, monk
     assert data.image_sizes == {"min_width": 5, "max_width": 6, "min_height": 4, "max_height": 6}
     load_image(data.train[0].image)
     assert hits.count("/a.png") == 1  # verified once, then every read came from the cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded reads: regular files only, a size limit, downloads with a deadline
+# ---------------------------------------------------------------------------------------------
+def _read_within(uri: str, seconds: float = 10.0):
+    """read_image_bytes in a thread, so that a read that blocks fails the test instead of
+    hanging it, and with a small limit, so that one that never ends (a device) stops soon:
+    the DataError it raised, or the bytes."""
+    outcome = []
+
+    def run():
+        try:
+            outcome.append(read_image_bytes(uri, max_bytes=1 << 20))
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"reading {uri} did not return in {seconds} s"
+    return outcome[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_only_regular_files_are_read(tmp_path):
+    import socket
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    sock_path = tmp_path / "s.png"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(sock_path))
+        cases = {str(fifo): "a named pipe (FIFO)", "/dev/zero": "a character device",
+                 str(sock_path): "a socket"}
+        for uri, kind in cases.items():
+            error = _read_within(uri)
+            assert isinstance(error, DataError), (uri, error)
+            assert str(error) == f"image path is {kind}, not a regular file: {uri}"
+    assert str(_read_within(str(tmp_path))) == f"image path is a folder: {tmp_path}"
+    with pytest.raises(DataError, match="named pipe"):
+        verify_image(str(fifo))  # what data check and finetune call
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_path_replaced_by_a_fifo_after_its_check_is_refused_on_the_open_file(tmp_path, monkeypatch):
+    """The path is checked, then opened without waiting for a writer and checked again: a
+    FIFO put in its place in between is found on the open file, never read from."""
+    regular = tmp_path / "a.png"
+    regular.write_bytes(encode(Image.new("RGB", (2, 2))))
+    fifo = tmp_path / "b.png"
+    os.mkfifo(fifo)
+    real_stat = os.stat
+
+    def stat_sees_the_old_file(path, *args, **kwargs):
+        return real_stat(regular if str(path) == str(fifo) else path, *args, **kwargs)
+
+    monkeypatch.setattr(images.os, "stat", stat_sees_the_old_file)
+    error = _read_within(str(fifo))
+    assert isinstance(error, DataError) and "named pipe (FIFO)" in str(error)
+
+
+def test_file_size_limit_at_and_over(tmp_path, monkeypatch):
+    path = tmp_path / "a.png"
+    path.write_bytes(encode(Image.new("RGB", (5, 4), (1, 2, 3))))
+    size = path.stat().st_size
+    assert read_image_bytes(str(path), max_bytes=size) == path.read_bytes()
+    with pytest.raises(images.ImageTooLarge,
+                       match=rf"image too large: {re.escape(str(path))} is {size:,} bytes, over the "
+                             rf"limit of {size - 1:,} bytes per image \(set VISIONTUNE_MAX_IMAGE_MB"):
+        read_image_bytes(str(path), max_bytes=size - 1)
+    # The default limit, on a sparse file (no disk spent): refused from its size, never read.
+    huge = tmp_path / "huge.png"
+    with open(huge, "wb") as out:
+        out.truncate(images.max_file_bytes() + 1)
+    with pytest.raises(DataError, match=r"huge.png is 256.0 MB, over the limit of 256.0 MB per image"):
+        load_image(str(huge))
+    monkeypatch.setenv("VISIONTUNE_MAX_IMAGE_MB", str(size / (1 << 20)))
+    assert images.max_file_bytes() == size
+    assert load_image(str(path)).size == (5, 4)
+
+
+def test_a_file_growing_past_the_limit_while_read_is_refused(tmp_path, monkeypatch):
+    """Reading stops after limit + 1 bytes even when the file's size said less (a file being
+    written, or one whose size the file system does not know, as in /proc)."""
+    path = tmp_path / "a.png"
+    path.write_bytes(b"x" * 100)
+    real_fstat = os.fstat
+
+    def fstat_of_an_emptier_file(fd):
+        info = real_fstat(fd)
+        return os.stat_result((info.st_mode, *info[1:6], 10, *info[7:]))
+
+    monkeypatch.setattr(images.os, "fstat", fstat_of_an_emptier_file)
+    assert read_image_bytes(str(path), max_bytes=100) == b"x" * 100
+    with pytest.raises(DataError, match=r"a.png holds more than the limit of 99 bytes per image"):
+        read_image_bytes(str(path), max_bytes=99)
+
+
+@pytest.fixture
+def slow_server():
+    """Serves /big (2,000 bytes, with or without Content-Length) and /trickle (a byte every
+    50 ms)."""
+    body = encode(Image.new("RGB", (5, 4))) + b"\0" * 2000
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.0"
+
+        def do_GET(self):  # noqa: N802 - http.server API
+            self.send_response(200)
+            if self.path == "/big":
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.path == "/trickle":
+                for byte in body[:200]:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.05)
+            else:
+                self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", len(body)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_downloads_have_a_size_limit_and_a_deadline(slow_server, tmp_path, monkeypatch):
+    base, size = slow_server
+    monkeypatch.setenv("VISIONTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=rf"/big is {size:,} bytes, over the limit of {size - 1:,}"):
+        read_image_bytes(f"{base}/big", max_bytes=size - 1)  # from Content-Length, nothing read
+    with pytest.raises(DataError, match=rf"/undeclared holds more than the limit of {size - 1:,}"):
+        read_image_bytes(f"{base}/undeclared", max_bytes=size - 1)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    assert len(read_image_bytes(f"{base}/undeclared", max_bytes=size)) == size
+    monkeypatch.setattr(images, "HTTP_DEADLINE_S", 0.5)
+    started = time.monotonic()
+    with pytest.raises(DataError, match=r"cannot download .*/trickle: timed out"):
+        read_image_bytes(f"{base}/trickle")
+    assert time.monotonic() - started < 5

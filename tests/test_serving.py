@@ -11,21 +11,25 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from tiny_models import random_images, save_tiny_model
 from visiontune.inference import (
-    MULTICLASS, MULTILABEL, Classifier, PayloadError, decode_payload_image, payload_bytes,
+    DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS_PER_REQUEST, MULTICLASS, MULTILABEL, Classifier,
+    PayloadError, decode_payload_image, payload_bytes,
 )
 from visiontune.models.importer import write_model_metadata
 from visiontune.serving.mlflow_model import ImageClassifierModel, ServingConfig, save_mlflow_model
@@ -59,6 +63,23 @@ def b64(data: bytes) -> str:
 
 def split(values, columns=("image",)):
     return {"dataframe_split": {"columns": list(columns), "data": [[v] for v in values]}}
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header says ``width`` x ``height`` and that holds no pixel data: refused by
+    its size before decoding, or else by decoding as truncated."""
+    data = bytearray(png_bytes(Image.new("1", (1, 1))))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def png_81_megapixels():
+    """A real, fully decodable 9000 x 9000 bilevel PNG of about 10 KB."""
+    data = png_bytes(Image.new("1", (9000, 9000)))
+    assert len(data) < 20_000
+    return data
 
 
 class Server:
@@ -223,10 +244,25 @@ def test_multilabel_onnx_server_fetches_urls_when_allowed(served, images, tmp_pa
     assert server.ping() == 200
 
 
-def _bad_cases(values):
+def _bad_cases(values, png_81mp):
     good = values[0]
     too_large = b64(b"\xff" * (MAX_BYTES + 1))
+    request_pixels = 5 * 8000 * 7000  # each image within the per-image limit, together over
+    nested = b"[" * 100_000 + b"]" * 100_000  # deeper than Python's recursion limit
+    long_int = b'{"dataframe_split": {"columns": ["image"], "data": [[' + b"7" * 5000 + b"]]}}"
     return {
+        "81 megapixels in a tiny png": (
+            split([b64(png_81mp)]),
+            f"row 0: image is 9000x9000 = 81,000,000 pixels, over the limit of "
+            f"{DEFAULT_MAX_IMAGE_PIXELS:,} pixels per image (max_image_pixels)"),
+        "too many pixels in the request": (
+            split([b64(png_header(8000, 7000))] * 5),
+            f"the request's 5 image(s) hold {request_pixels:,} pixels together, over the limit "
+            f"of {DEFAULT_MAX_PIXELS_PER_REQUEST:,} per request (max_pixels_per_request)"),
+        "json nested too deeply": (nested, "the JSON is nested too deeply to be read"),
+        "json integer too long": (long_int, "the JSON cannot be read"),
+        "oversized json": (split([b64(b"\xff" * 6_000_000)]),
+                           f"over the limit of {MAX_BYTES:,} bytes per image"),
         "not base64": (split(["%%% not base64 %%%"]), "row 0: image is not valid base64"),
         "not an image": (split([b64(b"just some text, no picture")]), "row 0: image: not an image file"),
         "empty string": (split([""]), "row 0: empty image value"),
@@ -246,11 +282,12 @@ def _bad_cases(values):
     }
 
 
-def test_bad_payloads_get_400_with_the_reason_and_the_server_goes_on(served, images):
+def test_bad_payloads_get_400_with_the_reason_and_the_server_goes_on(served, images,
+                                                                   png_81_megapixels):
     (server, model_dir), _ = served
     encoded, decoded = images
     values = [b64(d) for d in encoded]
-    for name, (body, wanted) in _bad_cases(values).items():
+    for name, (body, wanted) in _bad_cases(values, png_81_megapixels).items():
         status, answer = server.post(body)
         assert status == 400, (name, status, answer)
         assert wanted in answer.get("message", ""), (name, answer)
@@ -296,8 +333,9 @@ def test_model_config_is_stored_and_overridable_at_load(served, images, tmp_path
     mlflow_dir = save_mlflow_model(model_dir, tmp_path / "m")
     mlmodel = yaml.safe_load((mlflow_dir / "MLmodel").read_text())
     assert mlmodel["flavors"]["python_function"]["config"] == {
-        "max_image_bytes": 20 * 1024 * 1024, "max_images_per_request": 256, "allow_urls": False,
-        "allow_local_paths": False, "batch_size": 0}
+        "max_image_bytes": 20 * 1024 * 1024, "max_images_per_request": 256,
+        "max_image_pixels": 8192 * 8192, "max_pixels_per_request": 4 * 8192 * 8192,
+        "allow_urls": False, "allow_local_paths": False, "batch_size": 0}
     assert mlmodel["metadata"]["inference_backend"] == "pytorch"
     assert mlmodel["metadata"]["is_finetuned_model"] is True
 
@@ -321,6 +359,13 @@ def test_serving_config_is_checked():
         ServingConfig.from_dict({"allow_urls": "yes"})
     with pytest.raises(ValueError, match="unknown serving setting"):
         ServingConfig.from_dict({"max_bytes": 1})
+    with pytest.raises(ValueError, match="max_image_pixels must be an integer >= 1"):
+        ServingConfig.from_dict({"max_image_pixels": 0})
+    with pytest.raises(ValueError, match="max_pixels_per_request must be an integer >= 1"):
+        ServingConfig.from_dict({"max_pixels_per_request": "many"})
+    with pytest.raises(ValueError, match="max_image_pixels must be at most 89,478,485"):
+        ServingConfig.from_dict({"max_image_pixels": 89_478_486})
+    assert ServingConfig.from_dict({"max_image_pixels": 89_478_485}).max_image_pixels == 89_478_485
 
 
 def test_payload_forms_decode_from_memory(images):
@@ -340,3 +385,117 @@ def test_payload_forms_decode_from_memory(images):
         payload_bytes("HTTP://example.com/a.png")
     with pytest.raises(PayloadError, match="allow_local_paths is off"):
         payload_bytes("file:///etc/hostname")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixel limits and unreadable requests, in process
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def scoring_model(tmp_path_factory):
+    """An ImageClassifierModel over a tiny multi-class model, without a server."""
+    model = ImageClassifierModel()
+    model.classifier = Classifier(finetuned("vit", MULTICLASS, tmp_path_factory.mktemp("px") / "mc"),
+                                  device="cpu")
+    return model
+
+
+def _predict(model, values, **config):
+    model.config = ServingConfig(**config)
+    return model.predict(None, pd.DataFrame({"image": values}))
+
+
+def _refused(model, values, **config) -> str:
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException) as caught:
+        _predict(model, values, **config)
+    assert caught.value.get_http_status_code() == 400
+    return caught.value.message
+
+
+@pytest.fixture
+def no_decoding(monkeypatch):
+    """Decoding any image fails the test: the limits must refuse a request before it."""
+    def fail(data):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr("visiontune.inference.decode_payload_bytes", fail)
+
+
+def test_pixels_per_image_below_at_and_over_the_limit(scoring_model, images):
+    encoded, decoded = images
+    value = b64(encoded[0])  # 48 x 40 = 1,920 pixels
+    for limit in (1921, 1920):
+        answer = _predict(scoring_model, [value], max_image_pixels=limit)
+        np.testing.assert_allclose(np.array(answer["probs"].tolist()),
+                                   scoring_model.classifier.probabilities(decoded[:1]), atol=1e-6)
+    assert _refused(scoring_model, [value], max_image_pixels=1919) == (
+        "1 of 1 image(s) cannot be used: row 0: image is 48x40 = 1,920 pixels, over the limit of "
+        "1,919 pixels per image (max_image_pixels)")
+
+
+def test_pixels_per_request_below_at_and_over_the_limit(scoring_model, images):
+    encoded, _ = images
+    values = [b64(d) for d in encoded[:3]]  # 3 x 1,920 pixels
+    for limit in (5761, 5760):
+        assert len(_predict(scoring_model, values, max_pixels_per_request=limit)) == 3
+    assert _refused(scoring_model, values, max_pixels_per_request=5759) == (
+        "the request's 3 image(s) hold 5,760 pixels together, over the limit of 5,759 per "
+        "request (max_pixels_per_request); send smaller images or fewer per request")
+
+
+def test_the_limits_refuse_before_any_image_is_decoded(scoring_model, images, png_81_megapixels,
+                                                       no_decoding):
+    encoded, _ = images
+    message = _refused(scoring_model, [b64(encoded[0]), b64(png_81_megapixels)])
+    assert message == ("1 of 2 image(s) cannot be used: row 1: image is 9000x9000 = 81,000,000 "
+                       f"pixels, over the limit of {DEFAULT_MAX_IMAGE_PIXELS:,} pixels per image "
+                       "(max_image_pixels)")
+    many = [b64(png_header(8192, 8192))] * 4 + [b64(encoded[0])]  # one image over, 1,920 pixels
+    assert "hold 268,437,376 pixels together" in _refused(scoring_model, many)
+    # Over Pillow's own decompression-bomb limit: refused from the header too.
+    assert "over the limit of 67,108,864 pixels per image" in _refused(
+        scoring_model, [b64(png_header(20_000, 20_000))])
+
+
+def test_nested_and_malformed_input_to_predict_is_a_400(scoring_model, images):
+    encoded, _ = images
+    good = b64(encoded[0])
+    deep = good
+    for _ in range(5000):
+        deep = [deep]
+    model = scoring_model
+    model.config = ServingConfig()
+    cases = {
+        "nested cell": (pd.DataFrame({"image": [[[[good]]]]}), "got list"),
+        "deeply nested cell": (pd.DataFrame({"image": [deep]}), "got list"),
+        "deeply nested input": (deep, "needs a column named 'image'"),
+        "object cell": (pd.DataFrame({"image": [{"a": {"b": good}}]}), "got dict"),
+        "ragged columns": ({"image": [good], "other": [1, 2]}, "must be a table"),
+        "a bare string": ("not a table", "must be a table"),
+    }
+    from mlflow.exceptions import MlflowException
+
+    for name, (value, wanted) in cases.items():
+        with pytest.raises(MlflowException) as caught:
+            model.predict(None, value)
+        assert caught.value.get_http_status_code() == 400, name
+        assert wanted in caught.value.message, (name, caught.value.message)
+    assert len(model.predict(None, pd.DataFrame({"image": [good]}))) == 1
+
+
+def test_loading_the_model_makes_unreadable_json_a_400(served):
+    """MLflow's server parses the body before the model sees it; loading the model wraps that
+    parser (what the real server answers is in test_bad_payloads_get_400_...)."""
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import scoring_server
+
+    (_, model_dir), _ = served
+    mlflow.pyfunc.load_model(str(model_dir.parent / "mc-mlflow"))
+    for body in (b"[" * 100_000 + b"]" * 100_000, b'{"inputs": [' + b"7" * 5000 + b"]}"):
+        with pytest.raises(MlflowException) as caught:
+            scoring_server._decode_json_input(body)
+        assert caught.value.get_http_status_code() == 400
+    assert scoring_server._decode_json_input(b'{"inputs": ["x"]}') == {"inputs": ["x"]}
+

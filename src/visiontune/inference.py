@@ -172,7 +172,13 @@ class Classifier(ClassifierBase):
 # Scoring requests: one cell of the ``image`` column -> an RGB image, decoded in memory
 # ---------------------------------------------------------------------------------------------
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
-URL_TIMEOUT_S = 30.0
+# Decoded pixels, which the encoded size does not bound: a few KB of PNG can hold 80 million.
+# One image: an 8192 x 8192 image, more than any common camera takes. One request: four such
+# images, under a gigabyte as 8-bit RGB.
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
+DEFAULT_MAX_PIXELS_PER_REQUEST = 4 * DEFAULT_MAX_IMAGE_PIXELS
+URL_TIMEOUT_S = 30.0  # per network operation
+URL_DEADLINE_S = 60.0  # a whole download: a server sending a trickle cannot stall a request
 
 
 class PayloadError(ValueError):
@@ -194,9 +200,13 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _fetch_url(url: str, max_bytes: int) -> bytes:
-    """Download into memory (never to disk), reading at most ``max_bytes`` + 1 bytes."""
+    """Download into memory (never to disk), reading at most ``max_bytes`` + 1 bytes; each
+    network operation times out, and so does the whole download."""
+    import time
     import urllib.error
     import urllib.request
+
+    from visiontune.data.images import read_at_most
 
     request = urllib.request.Request(url, headers={"User-Agent": "visiontune"})
     try:
@@ -204,12 +214,16 @@ def _fetch_url(url: str, max_bytes: int) -> bytes:
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > max_bytes:
                 raise _too_large(int(declared), max_bytes)
-            data = response.read(max_bytes + 1)
+            data = read_at_most(response.read1, max_bytes,
+                                deadline=time.monotonic() + URL_DEADLINE_S)
     except PayloadError:
         raise
     except urllib.error.HTTPError as exc:
         raise PayloadError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
+    except TimeoutError:
+        raise PayloadError(f"cannot download {url}: timed out (each read may take "
+                           f"{URL_TIMEOUT_S:g} s, the whole download {URL_DEADLINE_S:g} s)") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
         raise PayloadError(f"cannot download {url}: {getattr(exc, 'reason', None) or exc}") from None
     if len(data) > max_bytes:
         raise _too_large(len(data), max_bytes)
@@ -217,15 +231,18 @@ def _fetch_url(url: str, max_bytes: int) -> bytes:
 
 
 def _read_path(text: str, max_bytes: int) -> bytes:
+    """A server-local regular file (never a named pipe or device: they could block or never
+    end), at most ``max_bytes``."""
+    from visiontune.data.images import ImageTooLarge, read_local_file
     from visiontune.data.mltable import local_path
+    from visiontune.errors import DataError
 
     try:
-        path = local_path(text, Path.cwd())
-        if path.stat().st_size > max_bytes:
-            raise _too_large(path.stat().st_size, max_bytes)
-        return path.read_bytes()
-    except PayloadError:
-        raise
+        return read_local_file(local_path(text, Path.cwd()), max_bytes)
+    except ImageTooLarge as exc:
+        raise _too_large(exc.size if exc.size is not None else max_bytes + 1, max_bytes) from None
+    except DataError as exc:
+        raise PayloadError(str(exc)) from None
     except FileNotFoundError:
         raise PayloadError(f"image file not found: {text}") from None
     except (OSError, ValueError) as exc:
@@ -285,15 +302,48 @@ def payload_bytes(value: Any, *, allow_paths: bool = False, allow_urls: bool = F
     return data
 
 
-def decode_payload_image(value: Any, *, allow_paths: bool = False, allow_urls: bool = False,
-                         max_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
-    """One cell of a scoring request as an 8-bit RGB PIL image (see ``payload_bytes``), decoded
-    like training and evaluation decode files (EXIF orientation, modes, bomb check)."""
+def payload_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> int:
+    """The pixels (width x height) of encoded image bytes, read from the image's header before
+    any pixel is decoded; PayloadError over ``max_pixels``. 0 when Pillow does not recognise
+    the bytes: decoding them then says why."""
+    import io
+
+    from PIL import Image
+
+    from visiontune.data.images import MAX_PIXELS, refuse_bombs
+
+    refuse_bombs()  # Pillow's own check on opening then raises instead of warning
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise PayloadError(f"image is over {Image.MAX_IMAGE_PIXELS or MAX_PIXELS:,} pixels, over "
+                           f"the limit of {max_pixels:,} pixels per image (max_image_pixels)") from None
+    except Exception:
+        return 0
+    if width * height > max_pixels:
+        raise PayloadError(f"image is {width}x{height} = {width * height:,} pixels, over the limit "
+                           f"of {max_pixels:,} pixels per image (max_image_pixels)")
+    return width * height
+
+
+def decode_payload_bytes(data: bytes):
+    """Encoded image bytes of a request as an 8-bit RGB PIL image, decoded like training and
+    evaluation decode files (EXIF orientation, modes, bomb check)."""
     from visiontune.data.images import decode_image
     from visiontune.errors import DataError
 
-    data = payload_bytes(value, allow_paths=allow_paths, allow_urls=allow_urls, max_bytes=max_bytes)
     try:
         return decode_image(data, where="image")
     except DataError as exc:
         raise PayloadError(str(exc)) from None
+
+
+def decode_payload_image(value: Any, *, allow_paths: bool = False, allow_urls: bool = False,
+                         max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                         max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+    """One cell of a scoring request as an 8-bit RGB PIL image (see ``payload_bytes``); its
+    pixels are checked against ``max_pixels`` before it is decoded."""
+    data = payload_bytes(value, allow_paths=allow_paths, allow_urls=allow_urls, max_bytes=max_bytes)
+    payload_pixels(data, max_pixels)
+    return decode_payload_bytes(data)

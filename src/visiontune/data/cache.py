@@ -14,10 +14,11 @@ depends on the dataset's transform, read from its first step:
   close to, not equal to, crops of the full image.
 * any other transform: no cache.
 
-An entry is keyed by the image's resolved path, size and modification time, so an edited or
-replaced file is decoded again. Entries are written atomically (temporary file + rename), so
-parallel writers (threads, data-loader workers, distributed ranks) are safe. Only local files
-are cached. Stale entries are not removed; delete the folder to reclaim the space.
+An entry is keyed by a hash of the image file's bytes, the very bytes it was decoded from, so
+an edited or replaced file is never served stale, whatever its timestamps say (identical files
+share one entry). Entries are written atomically (temporary file + rename), so parallel writers
+(threads, data-loader workers, distributed ranks) are safe. Only local files are cached. Stale
+entries are not removed; delete the folder to reclaim the space.
 
 Switches (environment): ``VISIONTUNE_IMAGE_CACHE`` (1/0), ``VISIONTUNE_IMAGE_CACHE_DIR`` (where;
 default ``~/.cache/visiontune/decoded``), ``VISIONTUNE_IMAGE_CACHE_MAX_GB`` (per folder of
@@ -54,7 +55,7 @@ ENV_DRAFT = "VISIONTUNE_JPEG_DRAFT"
 DEFAULT_ENABLED = True
 DEFAULT_DRAFT = True
 DEFAULT_MAX_GB = 20.0
-FORMAT = 1  # bump when what an entry holds changes
+FORMAT = 2  # bump when what an entry holds, or how it is keyed, changes
 # Shorter side kept for random crops, relative to the larger output side. Twice the output
 # size keeps crops down to a quarter of the image side at full output detail; smaller crops
 # (RandomResizedCrop goes down to 8 % of the area) come out a little softer than from the
@@ -190,19 +191,20 @@ class DecodedImageCache:
         self.first_step = first_step
 
     # -- keys -------------------------------------------------------------------------------
+    # Why the bytes and not the file's metadata: a same-size replacement can keep every stat
+    # field a key could use. utime sets the modification time back; the change time cannot be
+    # set, but it is as coarse as the file system's clock (a second on some), is the creation
+    # time on Windows, and inode numbers are reused. Hashing costs one read of each file when a
+    # dataset is built (not per epoch): small next to decoding the file, which it replaces.
     def entry_path(self, uri: str) -> Path | None:
-        """Where the entry of ``uri`` lives; None when it cannot be cached (not a local file,
-        or the file cannot be stat'ed: the plain path then reports the problem)."""
-        path = local_file(uri)
-        if path is None:
-            return None
-        try:
-            resolved = path.resolve()
-            stat = resolved.stat()
-        except OSError:
-            return None
-        key = f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}".encode("utf-8", "surrogatepass")
-        digest = hashlib.sha256(key).hexdigest()
+        """Where the entry of ``uri`` lives; None when it cannot be cached (not a local file, or
+        the file cannot be read: the plain path then reports the problem)."""
+        data = _local_bytes(uri)
+        return None if data is None else self.entry_for(data)
+
+    def entry_for(self, data: bytes) -> Path:
+        """The entry of an image file's bytes."""
+        digest = hashlib.sha256(data).hexdigest()
         return self.folder / digest[:2] / f"{digest}.npy"
 
     # -- reading ----------------------------------------------------------------------------
@@ -221,16 +223,18 @@ class DecodedImageCache:
         return torch.from_numpy(array).permute(2, 0, 1)
 
     # -- writing ----------------------------------------------------------------------------
-    def build(self, uri: str):
-        """Decode ``uri`` (in full: a reduced-scale JPEG decode would differ more from the plain
-        path, and this runs once per image) and return the CHW uint8 tensor this plan stores;
-        DataError when the image cannot be read."""
+    def build(self, uri: str, data: bytes | None = None):
+        """Decode ``uri`` (its bytes ``data`` when given; in full: a reduced-scale JPEG decode
+        would differ more from the plain path, and this runs once per image) and return the CHW
+        uint8 tensor this plan stores; DataError when the image cannot be read."""
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as F
 
-        from visiontune.data.images import hwc_tensor, load_image
+        from visiontune.data.images import decode_image, hwc_tensor, read_image_bytes
 
-        pixels = hwc_tensor(load_image(uri))
+        if data is None:
+            data = read_image_bytes(uri)
+        pixels = hwc_tensor(decode_image(data, where=uri))
         if self.plan.kind == "exact":
             return self.first_step(pixels)
         side = self.plan.size[0]
@@ -260,63 +264,48 @@ class DecodedImageCache:
 
     def fill(self, uris: Iterable[str],
              workers: int | None = None) -> tuple[dict[str, int], dict[str, Path]]:
-        """Create the missing entries of ``uris`` (decoding in threads: Pillow and torch release
-        the GIL). Images that cannot be read are left to the plain path, which reports them.
+        """Create the missing entries of ``uris``, in threads (hashing, Pillow and torch release
+        the GIL): each file is read once, and its entry is looked up by, or decoded from, those
+        same bytes. Images that cannot be read are left to the plain path, which reports them.
         Stops adding entries at the size limit or when the disk is nearly full.
 
         Returns counts by outcome, and the entry of every URI that has one now."""
-        todo: list[tuple[str, Path]] = []
-        present: dict[str, Path] = {}
         stats = {"cached": 0, "added": 0, "uncachable": 0, "failed": 0, "over_limit": 0}
-        for uri in dict.fromkeys(uris):
-            entry = self.entry_path(uri)
-            if entry is None:
-                stats["uncachable"] += 1
-            elif entry.is_file():
-                stats["cached"] += 1
-                present[uri] = entry
-            else:
-                todo.append((uri, entry))
-        if not todo:
+        present: dict[str, Path] = {}
+        unique = list(dict.fromkeys(uris))
+        if not unique:
             return stats, present
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            free = shutil.disk_usage(self.folder).free
-        except OSError as exc:
-            log.warning("image cache disabled: cannot use %s (%s)", self.folder, exc)
-            stats["failed"] += len(todo)
-            return stats, present
-        budget = [min(self.limit_bytes - self.size_bytes(), free - FREE_SPACE_RESERVE)]
-        lock = threading.Lock()
+        budget = _Budget(self)
 
-        def add(job: tuple[str, Path]) -> str:
-            uri, entry = job
-            with lock:
-                if budget[0] <= 0:
-                    return "over_limit"
+        def add(uri: str) -> tuple[str, Path | None]:
+            data = _local_bytes(uri)
+            if data is None:
+                return "uncachable", None
+            entry = self.entry_for(data)
+            if entry.is_file():
+                return "cached", entry
+            if budget.exhausted():
+                return budget.outcome, None
             try:
-                tensor = self.build(uri)
+                tensor = self.build(uri, data)
             except Exception:  # DataError and friends: the plain path reports it in context
-                return "failed"
-            nbytes = tensor.numel()
-            with lock:
-                if budget[0] < nbytes:
-                    budget[0] = 0
-                    return "over_limit"
-                budget[0] -= nbytes
+                return "failed", None
+            if not budget.take(tensor.numel()):
+                return budget.outcome, None
             try:
                 self.write(entry, tensor)
             except OSError:
-                return "failed"
-            return "added"
+                return "failed", None
+            return "added", entry
 
         workers = workers or max(1, min(8, os.cpu_count() or 1))
-        if len(todo) > 200:
-            log.info("image cache: decoding %d image(s) once into %s", len(todo), self.folder)
-        with ThreadPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-            for (uri, entry), outcome in zip(todo, pool.map(add, todo)):
+        if len(unique) > 200:
+            log.info("image cache: reading %d image(s), decoding those not yet in %s", len(unique),
+                     self.folder)
+        with ThreadPoolExecutor(max_workers=min(workers, len(unique))) as pool:
+            for uri, (outcome, entry) in zip(unique, pool.map(add, unique)):
                 stats[outcome] += 1
-                if outcome == "added":
+                if entry is not None:
                     present[uri] = entry
         if stats["over_limit"]:
             log.warning("image cache: %d image(s) not cached: %s is at its size limit (%s=%s GB) "
@@ -338,3 +327,57 @@ class DecodedImageCache:
         except OSError:
             pass
         return total
+
+
+class _Budget:
+    """The bytes a fill may still add, worked out when the first entry is about to be written
+    (a fill that only reuses entries never touches the folder); thread-safe."""
+
+    def __init__(self, cache: DecodedImageCache):
+        self._cache = cache
+        self._left: int | None = None
+        self._lock = threading.Lock()
+        self.outcome = "over_limit"  # what a refused entry counts as
+
+    def _start(self) -> None:
+        if self._left is not None:
+            return
+        folder = self._cache.folder
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(folder).free
+        except OSError as exc:
+            log.warning("image cache disabled: cannot use %s (%s)", folder, exc)
+            self._left, self.outcome = 0, "failed"
+            return
+        self._left = min(self._cache.limit_bytes - self._cache.size_bytes(),
+                         free - FREE_SPACE_RESERVE)
+
+    def exhausted(self) -> bool:
+        with self._lock:
+            self._start()
+            return self._left <= 0
+
+    def take(self, nbytes: int) -> bool:
+        """Reserve ``nbytes`` for one entry; False (and nothing more after) when they do not fit."""
+        with self._lock:
+            self._start()
+            if self._left < nbytes:
+                self._left = 0
+                return False
+            self._left -= nbytes
+            return True
+
+
+def _local_bytes(uri: str) -> bytes | None:
+    """The bytes of a local image file, read as the plain path reads them (regular files only,
+    within the size limit); None for remote URIs and files that cannot be read."""
+    from visiontune.data.images import read_image_bytes
+    from visiontune.errors import DataError
+
+    if local_file(uri) is None:
+        return None
+    try:
+        return read_image_bytes(uri)
+    except DataError:
+        return None

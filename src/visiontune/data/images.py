@@ -11,7 +11,9 @@ Conversions (after EXIF orientation is applied, so pixels are as a viewer shows 
   transparent pixels often hold arbitrary colours that dropping alpha would reveal;
 * ``CMYK``, ``YCbCr`` and the rest -> RGB with Pillow's conversion (ICC profiles ignored).
 
-Images over MAX_PIXELS pixels are refused as possible decompression bombs.
+Images over MAX_PIXELS pixels are refused as possible decompression bombs. Only regular files
+are read (a named pipe, device, socket or folder is refused without being read), and no read
+takes more than max_file_bytes() bytes, whatever the source.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import warnings
@@ -35,8 +39,17 @@ from visiontune.errors import DataError
 # Pillow's own default; we check it ourselves so that a changed Image.MAX_IMAGE_PIXELS
 # elsewhere in the process does not switch the protection off.
 MAX_PIXELS = 89_478_485
-HTTP_TIMEOUT_S = 30.0
+HTTP_TIMEOUT_S = 30.0  # per network operation (connect, each read)
+HTTP_DEADLINE_S = 300.0  # for a whole download, so that a server sending a trickle cannot stall it
+# Larger than the serving limit per image (inference.DEFAULT_MAX_IMAGE_BYTES): a photo within
+# MAX_PIXELS can legitimately take more as PNG or TIFF. The limit bounds the memory one read
+# may take (a device, a runaway file, an endless download); the environment can raise it.
+ENV_MAX_FILE_MB = "VISIONTUNE_MAX_IMAGE_MB"
+DEFAULT_MAX_FILE_MB = 256
 _EXIF_ORIENTATION = 0x0112
+# Opening a named pipe without O_NONBLOCK waits for a writer, forever; a regular file ignores it.
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+               | getattr(os, "O_CLOEXEC", 0))
 
 # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a huge image is never wanted here,
 # so that warning becomes an error. Checked before each open, because any warnings.catch_warnings()
@@ -44,7 +57,8 @@ _EXIF_ORIENTATION = 0x0112
 _BOMB_FILTER = ("error", None, Image.DecompressionBombWarning, None, 0)
 
 
-def _refuse_bombs() -> None:
+def refuse_bombs() -> None:
+    """Make Pillow's decompression-bomb warning an error in this process (again, if needed)."""
     if _BOMB_FILTER not in warnings.filters:
         warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
@@ -55,19 +69,46 @@ def cache_dir() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "visiontune" / "images"
 
 
-def read_image_bytes(uri: str) -> bytes:
-    """The bytes of a local path, file:// URI, http(s) URL (cached) or azureml:// URI."""
+def max_file_bytes() -> int:
+    """The most bytes one image file or download may hold: $VISIONTUNE_MAX_IMAGE_MB megabytes
+    (MiB), default DEFAULT_MAX_FILE_MB."""
+    try:
+        megabytes = float(os.environ.get(ENV_MAX_FILE_MB, DEFAULT_MAX_FILE_MB))
+    except ValueError:
+        megabytes = DEFAULT_MAX_FILE_MB
+    return max(1, int(megabytes * (1 << 20)))
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MB" if n >= 1 << 20 else f"{n:,} bytes"
+
+
+class ImageTooLarge(DataError):
+    """An image file or download over the byte limit. ``size``: its size when known (a file's,
+    a declared download's); None when reading stopped at the limit."""
+
+    def __init__(self, what: str, size: int | None, limit: int):
+        self.size, self.limit = size, limit
+        held = f"is {_size(size)}, over" if size is not None else "holds more than"
+        super().__init__(f"image too large: {what} {held} the limit of {_size(limit)} per image "
+                         f"(set {ENV_MAX_FILE_MB} to raise it)")
+
+
+def read_image_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of a local path, file:// URI, http(s) URL (cached) or azureml:// URI; at most
+    ``max_bytes`` (default ``max_file_bytes()``), else DataError."""
+    limit = max_file_bytes() if max_bytes is None else int(max_bytes)
     scheme = urlparse(uri).scheme.lower()
     if scheme in ("http", "https"):
-        return _read_http(uri)
+        return _read_http(uri, limit)
     if scheme == "azureml":
-        return _read_azureml(uri)
+        return _read_azureml(uri, limit)
     try:
         path = local_path(uri, Path.cwd())
     except ValueError as exc:
         raise DataError(str(exc)) from None
     try:
-        return path.read_bytes()
+        return read_local_file(path, limit)
     except FileNotFoundError:
         raise DataError(f"image not found: {path}") from None
     except IsADirectoryError:
@@ -76,24 +117,90 @@ def read_image_bytes(uri: str) -> bytes:
         raise DataError(f"cannot read image {path}: {exc.strerror or exc}") from None
 
 
-def _read_http(url: str) -> bytes:
+_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _require_regular(path: Path, info: os.stat_result) -> None:
+    if stat.S_ISREG(info.st_mode):
+        return
+    if stat.S_ISDIR(info.st_mode):
+        raise DataError(f"image path is a folder: {path}")
+    kind = next((name for test, name in _KINDS if test(info.st_mode)), "not a regular file")
+    raise DataError(f"image path is {kind}, not a regular file: {path}")
+
+
+def read_local_file(path: Path, limit: int) -> bytes:
+    """A regular file's bytes, checked before it is opened and again on the open file (it may
+    have been replaced in between); DataError for anything else, ImageTooLarge over ``limit``
+    bytes (at most ``limit`` + 1 are read); OSError when it cannot be read."""
+    _require_regular(path, os.stat(path))
+    fd = os.open(path, _OPEN_FLAGS)
+    with open(fd, "rb", buffering=0) as handle:
+        info = os.fstat(fd)
+        _require_regular(path, info)
+        if info.st_size > limit:
+            raise ImageTooLarge(str(path), info.st_size, limit)
+        if _OPEN_FLAGS & getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)
+        data = read_at_most(handle.read, limit, first=info.st_size + 1)
+    if len(data) > limit:  # it grew while being read
+        raise ImageTooLarge(str(path), None, limit)
+    return data
+
+
+def read_at_most(read, limit: int, first: int = 1 << 20, deadline: float | None = None) -> bytes:
+    """Call ``read(n)`` until it returns nothing or more than ``limit`` bytes have come: at most
+    ``limit`` + 1 bytes are kept, so the caller can tell "over the limit" apart. ``first``: the
+    size of the first read (a file's size + 1 reads a whole file in one call). TimeoutError
+    when ``deadline`` (time.monotonic()) passes."""
+    chunks, total, want = [], 0, first
+    while total <= limit:
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError("the download took too long")
+        chunk = read(max(1, min(want, limit + 1 - total)))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        want = 1 << 20
+    return b"".join(chunks)
+
+
+def _read_http(url: str, limit: int) -> bytes:
     """Fetch once, then serve from the cache; the file appears atomically so that parallel
-    readers (threads, data-loading processes) never see half a download."""
+    readers (threads, data-loading processes) never see half a download. Each network
+    operation times out, the whole download has a deadline, and no more than ``limit`` bytes
+    are read."""
     folder = cache_dir()
     target = folder / hashlib.sha256(url.encode("utf-8")).hexdigest()
     try:
-        return target.read_bytes()
+        return read_local_file(target, limit)
     except FileNotFoundError:
         pass
+    except OSError as exc:
+        raise DataError(f"cannot read the cached download of {url} ({target}): "
+                        f"{exc.strerror or exc}") from None
     request = urllib.request.Request(url, headers={"User-Agent": "visiontune"})
     try:
         with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
-            data = response.read()
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > limit:
+                raise ImageTooLarge(url, int(declared), limit)
+            data = read_at_most(response.read1, limit,
+                                 deadline=time.monotonic() + HTTP_DEADLINE_S)
+    except DataError:
+        raise
     except urllib.error.HTTPError as exc:
         raise DataError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+    except TimeoutError:
+        raise DataError(f"cannot download {url}: timed out (each read may take "
+                        f"{HTTP_TIMEOUT_S:g} s, the whole download {HTTP_DEADLINE_S:g} s)") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise DataError(f"cannot download {url}: {reason}") from None
+    if len(data) > limit:
+        raise ImageTooLarge(url, None, limit)
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".part-")
     try:
@@ -106,7 +213,7 @@ def _read_http(url: str) -> bytes:
     return data
 
 
-def _read_azureml(uri: str) -> bytes:
+def _read_azureml(uri: str, limit: int) -> bytes:
     try:
         import azureml.fsspec  # noqa: F401  (registers the azureml:// protocol with fsspec)
         import fsspec
@@ -118,9 +225,12 @@ def _read_azureml(uri: str) -> bytes:
         ) from None
     try:
         with fsspec.open(uri, "rb") as handle:
-            return handle.read()
+            data = read_at_most(handle.read, limit)
     except Exception as exc:  # the filesystem raises many kinds; the message is what counts
         raise DataError(f"cannot read {uri}: {exc}") from None
+    if len(data) > limit:
+        raise ImageTooLarge(uri, None, limit)
+    return data
 
 
 def _open_sized(
@@ -135,7 +245,7 @@ def _open_sized(
     label = where or "image"
     if not data:
         raise DataError(f"{label}: empty file")
-    _refuse_bombs()
+    refuse_bombs()
     try:
         image = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

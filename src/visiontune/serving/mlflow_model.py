@@ -10,6 +10,16 @@ the whole request with an ``MlflowException(INVALID_PARAMETER_VALUE)``: MLflow's
 answers it with HTTP 400 and the message, and goes on serving. Any other exception would become
 a 400 with a generic message and a traceback for the client, so none is let through.
 
+Decoded pixels are limited as well as encoded bytes (a few KB of PNG can hold 80 million
+pixels): each image's size is read from its header, and the request is refused before any
+image is decoded when one image, or all of them together, hold too many.
+
+MLflow's server parses the JSON body before the model sees it, and answers a body nested deeper
+than Python's recursion limit, or holding an integer too long to convert, with a bare HTTP 500;
+loading this model wraps that parser so that those get the 400 other unparsable JSON gets
+(``_answer_unreadable_json_with_400``). MLflow reads the whole body whatever its size: put a
+body-size limit in front of a public server.
+
 The limits and permissions are the pyfunc's ``model_config`` (stored in ``MLmodel``): set them
 when saving, or override them when loading (``mlflow.pyfunc.load_model(path, model_config=...)``)
 or serving (``MLFLOW_PYFUNC_INFERENCE_CONFIG='{"allow_urls": true}' mlflow models serve ...``).
@@ -17,6 +27,7 @@ or serving (``MLFLOW_PYFUNC_INFERENCE_CONFIG='{"allow_urls": true}' mlflow model
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -28,7 +39,9 @@ from typing import Any
 
 import mlflow.pyfunc
 
-from visiontune.inference import DEFAULT_MAX_IMAGE_BYTES
+from visiontune.inference import (
+    DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS_PER_REQUEST,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +60,16 @@ DECODE_THREADS = 8
 class ServingConfig:
     """What a request may contain. Stored as the pyfunc's ``model_config``.
 
+    ``max_image_pixels`` and ``max_pixels_per_request`` bound the decoded size (width x height,
+    from each image's header) of one image and of all images of a request; the first cannot
+    exceed the decompression-bomb limit that every decode applies.
     ``batch_size`` 0 scores each request as one batch (at most ``max_images_per_request``
     images); a positive value caps the images per forward pass, to bound memory."""
 
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_images_per_request: int = DEFAULT_MAX_IMAGES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_pixels_per_request: int = DEFAULT_MAX_PIXELS_PER_REQUEST
     allow_urls: bool = False
     allow_local_paths: bool = False
     batch_size: int = 0
@@ -67,10 +85,16 @@ class ServingConfig:
         for name in ("allow_urls", "allow_local_paths"):
             if not isinstance(getattr(config, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(config, name)!r}")
-        for name, low in (("max_image_bytes", 1), ("max_images_per_request", 1), ("batch_size", 0)):
+        for name, low in (("max_image_bytes", 1), ("max_images_per_request", 1),
+                          ("max_image_pixels", 1), ("max_pixels_per_request", 1), ("batch_size", 0)):
             value = getattr(config, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        from visiontune.data.images import MAX_PIXELS
+
+        if config.max_image_pixels > MAX_PIXELS:
+            raise ValueError(f"max_image_pixels must be at most {MAX_PIXELS:,} (the decompression-"
+                             f"bomb limit), got {config.max_image_pixels!r}")
         return config
 
 
@@ -84,6 +108,7 @@ def _bad_request(message: str):
 class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         self.config = ServingConfig.from_dict(getattr(context, "model_config", None))
+        _answer_unreadable_json_with_400()
         artifacts = context.artifacts
         if "onnx" in artifacts:
             from visiontune.onnx_export import open_onnx_classifier
@@ -113,46 +138,101 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
 
 def _image_column(model_input) -> list[Any]:
+    """The cells of the ``image`` column; a 400 for input that is not such a table."""
     import pandas as pd
 
-    if isinstance(model_input, pd.DataFrame):
-        frame = model_input
-    elif isinstance(model_input, dict):
-        frame = pd.DataFrame(model_input)
-    elif isinstance(model_input, (list, tuple, pd.Series)) and all(
+    if isinstance(model_input, (list, tuple, pd.Series)) and all(
             isinstance(v, (str, bytes)) for v in model_input):
         return list(model_input)  # in-process use: a plain list of images
-    else:
-        frame = pd.DataFrame(model_input)
+    try:
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+    except Exception as exc:  # pandas refuses ragged, nested or scalar input in many ways
+        raise _bad_request(f"the input must be a table with a column named '{IMAGE_COLUMN}' "
+                           f"(base64-encoded image bytes); got {type(model_input).__name__} that "
+                           f"is not one ({type(exc).__name__})") from None
     if IMAGE_COLUMN not in frame.columns:
         raise _bad_request(f"the input needs a column named '{IMAGE_COLUMN}' (base64-encoded image "
-                           f"bytes); got columns {[str(c) for c in frame.columns]}")
+                           f"bytes); got columns {[str(c) for c in frame.columns][:ERRORS_SHOWN]}")
     return frame[IMAGE_COLUMN].tolist()
 
 
-def _decode_all(values: list[Any], config: ServingConfig) -> list[Any]:
-    """Every image of the request, or one 400 naming the rows that cannot be used."""
-    from visiontune.inference import PayloadError, decode_payload_image
-
-    def decode(value):
-        try:
-            return decode_payload_image(value, allow_paths=config.allow_local_paths,
-                                        allow_urls=config.allow_urls,
-                                        max_bytes=config.max_image_bytes), None
-        except PayloadError as exc:
-            return None, str(exc)
-
+def _in_threads(function, values: list[Any]) -> list[Any]:
+    """``function`` over ``values``, in threads when there are several (Pillow and downloads
+    release the GIL)."""
     if len(values) == 1:
-        results = [decode(values[0])]
-    else:  # Pillow and downloads release the GIL
-        with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, len(values))) as pool:
-            results = list(pool.map(decode, values))
+        return [function(values[0])]
+    with ThreadPoolExecutor(max_workers=min(DECODE_THREADS, len(values))) as pool:
+        return list(pool.map(function, values))
+
+
+def _refuse_failed_rows(results: list[tuple[Any, str | None]]) -> list[Any]:
+    """The values of ``(value, error)`` pairs, or one 400 naming the rows that failed."""
     errors = [(row, error) for row, (_, error) in enumerate(results) if error is not None]
     if errors:
         shown = "; ".join(f"row {row}: {error}" for row, error in errors[:ERRORS_SHOWN])
         more = f"; and {len(errors) - ERRORS_SHOWN} more" if len(errors) > ERRORS_SHOWN else ""
-        raise _bad_request(f"{len(errors)} of {len(values)} image(s) cannot be used: {shown}{more}")
-    return [image for image, _ in results]
+        raise _bad_request(f"{len(errors)} of {len(results)} image(s) cannot be used: {shown}{more}")
+    return [value for value, _ in results]
+
+
+def _decode_all(values: list[Any], config: ServingConfig) -> list[Any]:
+    """Every image of the request, or one 400 naming the rows that cannot be used. Decoding
+    starts only once every image's bytes are at hand and their pixels (from the headers) are
+    within both limits, so that no request decodes more than ``max_pixels_per_request``."""
+    from visiontune.inference import PayloadError, decode_payload_bytes, payload_bytes, payload_pixels
+
+    def read(value):
+        try:
+            data = payload_bytes(value, allow_paths=config.allow_local_paths,
+                                 allow_urls=config.allow_urls, max_bytes=config.max_image_bytes)
+            return (data, payload_pixels(data, config.max_image_pixels)), None
+        except PayloadError as exc:
+            return None, str(exc)
+
+    def decode(data):
+        try:
+            return decode_payload_bytes(data), None
+        except PayloadError as exc:
+            return None, str(exc)
+
+    encoded = _refuse_failed_rows(_in_threads(read, values))
+    pixels = sum(count for _, count in encoded)
+    if pixels > config.max_pixels_per_request:
+        raise _bad_request(f"the request's {len(values)} image(s) hold {pixels:,} pixels together, "
+                           f"over the limit of {config.max_pixels_per_request:,} per request "
+                           "(max_pixels_per_request); send smaller images or fewer per request")
+    return _refuse_failed_rows(_in_threads(decode, [data for data, _ in encoded]))
+
+
+def _answer_unreadable_json_with_400() -> None:
+    """MLflow's scoring server parses the request body before the model sees it, and turns only
+    syntax and encoding errors into a 400: JSON nested deeper than Python's recursion limit
+    (RecursionError) or holding an integer too long to convert (ValueError) end as a bare 500.
+    Wrap its parser once so that those are a 400 too; where MLflow's internals differ, nothing
+    is changed and MLflow's own answers stand."""
+    try:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import BAD_REQUEST
+        from mlflow.pyfunc import scoring_server
+    except ImportError:
+        return
+    parse = getattr(scoring_server, "_decode_json_input", None)
+    if not callable(parse) or getattr(parse, "_visiontune_wrapped", False):
+        return
+
+    @functools.wraps(parse)
+    def parse_or_400(*args, **kwargs):
+        try:
+            return parse(*args, **kwargs)
+        except RecursionError:
+            raise MlflowException("Invalid input: the JSON is nested too deeply to be read",
+                                  error_code=BAD_REQUEST) from None
+        except ValueError as exc:  # the JSON syntax errors MLflow already turns into a 400
+            raise MlflowException(f"Invalid input: the JSON cannot be read ({exc})",
+                                  error_code=BAD_REQUEST) from None
+
+    parse_or_400._visiontune_wrapped = True
+    scoring_server._decode_json_input = parse_or_400
 
 
 def _requirements(names) -> list[str]:
@@ -186,6 +266,8 @@ def save_mlflow_model(model_dir: str | Path, output_dir: str | Path, *,
                       allow_local_paths: bool = False,
                       max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
                       max_images_per_request: int = DEFAULT_MAX_IMAGES,
+                      max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                      max_pixels_per_request: int = DEFAULT_MAX_PIXELS_PER_REQUEST,
                       batch_size: int = 0) -> Path:
     """Write the MLflow model for a fine-tuned model folder (checkpoints are left out).
 
@@ -198,6 +280,7 @@ def save_mlflow_model(model_dir: str | Path, output_dir: str | Path, *,
 
     config = ServingConfig.from_dict({
         "max_image_bytes": max_image_bytes, "max_images_per_request": max_images_per_request,
+        "max_image_pixels": max_image_pixels, "max_pixels_per_request": max_pixels_per_request,
         "allow_urls": allow_urls, "allow_local_paths": allow_local_paths, "batch_size": batch_size,
     })
     model_dir, output_dir = Path(model_dir), Path(output_dir)
