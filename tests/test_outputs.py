@@ -218,3 +218,21 @@ def test_an_output_that_cannot_be_written_stops_before_scoring(capsys, tiny_vit,
     assert code == 2
     _one_error_line(seen.err, "--output", "Read-only file system")
     assert "predicted" not in seen.out and "accuracy" not in seen.out
+
+
+def test_the_mlflow_model_fills_a_mount_point_and_replaces_an_earlier_one(capsys, tiny_vit, tiny_data, tmpfs,
+                                                                           tmp_path):
+    """Azure ML mounts each output: the MLflow model is written into the mounted folder (never
+    removing or renaming it), a second run replaces the first's model there, and MLflow loads
+    it."""
+    import mlflow.pyfunc
+
+    mount = tmpfs()
+    for run in ("first", "second"):
+        code, seen = _finetune(capsys, tiny_vit, tiny_data, tmp_path / run,
+                               "--save_as_mlflow_model", "true", "--output_dir_mlflow", str(mount))
+        assert code == 0, seen.err[-2000:]
+        assert mount.is_mount() and (mount / "MLmodel").is_file()
+        assert not [p.name for p in mount.iterdir() if p.name.startswith(".")]
+    model = mlflow.pyfunc.load_model(str(mount))
+    assert model.metadata.metadata["written_by"] == "visiontune"

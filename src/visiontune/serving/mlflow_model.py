@@ -42,6 +42,7 @@ import mlflow.pyfunc
 from visiontune.inference import (
     DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS_PER_REQUEST,
 )
+from visiontune.outputs import MLFLOW_WRITER, check_folder, is_visiontune_mlflow_model, staged
 
 log = logging.getLogger(__name__)
 
@@ -285,8 +286,11 @@ def save_mlflow_model(model_dir: str | Path, output_dir: str | Path, *,
     })
     model_dir, output_dir = Path(model_dir), Path(output_dir)
     meta = json.loads((model_dir / "model_selector_args.json").read_text(encoding="utf-8"))
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=".mlflow-") as tmp:
+    # Never a folder visiontune did not write; the folder itself is kept (it may be a mount
+    # point) and filled in place, MLmodel last.
+    check_folder(output_dir, "output_dir_mlflow", replaceable=is_visiontune_mlflow_model, create=False)
+    with tempfile.TemporaryDirectory(prefix="visiontune-mlflow-") as tmp, \
+            staged(output_dir, complete_marker="MLmodel") as staging:
         staged_model = Path(tmp) / "model"
         staged_model.mkdir()
         for name in MODEL_FILES:
@@ -298,9 +302,9 @@ def save_mlflow_model(model_dir: str | Path, output_dir: str | Path, *,
             _stage_onnx(Path(onnx_dir), Path(tmp) / "onnx")
             artifacts["onnx"] = str(Path(tmp) / "onnx")
             requirements = _REQUIREMENTS + _ONNX_REQUIREMENTS
-        target = Path(tmp) / "out"
+        saved = staging / "mlflow"  # save_model wants a new folder
         mlflow.pyfunc.save_model(
-            path=str(target),
+            path=str(saved),
             python_model=ImageClassifierModel(),
             artifacts=artifacts,
             code_paths=[str(Path(visiontune.__file__).parent)],
@@ -312,9 +316,10 @@ def save_mlflow_model(model_dir: str | Path, output_dir: str | Path, *,
                 "base_model_name": meta.get("model_metadata", {}).get("base_model_name"),
                 "is_finetuned_model": True,
                 "inference_backend": "onnxruntime" if onnx_dir is not None else "pytorch",
+                "written_by": MLFLOW_WRITER,
             },
         )
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        shutil.move(str(target), str(output_dir))
+        for entry in saved.iterdir():
+            entry.rename(staging / entry.name)
+        saved.rmdir()
     return output_dir
