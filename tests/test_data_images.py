@@ -338,7 +338,7 @@ def test_file_size_limit_at_and_over(tmp_path, monkeypatch):
     assert read_image_bytes(str(path), max_bytes=size) == path.read_bytes()
     with pytest.raises(images.ImageTooLarge,
                        match=rf"image too large: {re.escape(str(path))} is {size:,} bytes, over the "
-                             rf"limit of {size - 1:,} bytes per image \(set VISIONTUNE_MAX_IMAGE_MB"):
+                             rf"limit of {size - 1:,} bytes per image \(--max_image_mb raises it"):
         read_image_bytes(str(path), max_bytes=size - 1)
     # The default limit, on a sparse file (no disk spent): refused from its size, never read.
     huge = tmp_path / "huge.png"
@@ -346,7 +346,7 @@ def test_file_size_limit_at_and_over(tmp_path, monkeypatch):
         out.truncate(images.max_file_bytes() + 1)
     with pytest.raises(DataError, match=r"huge.png is 256.0 MB, over the limit of 256.0 MB per image"):
         load_image(str(huge))
-    monkeypatch.setenv("VISIONTUNE_MAX_IMAGE_MB", str(size / (1 << 20)))
+    monkeypatch.setattr(images, "_max_file", {"bytes": size})  # what --max_image_mb sets
     assert images.max_file_bytes() == size
     assert load_image(str(path)).size == (5, 4)
 

@@ -153,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = I.read_config_file(getattr(args, "config", None))
         values = I.resolve(args._specs, given, config)
+        if "max_image_mb" in values:
+            from visiontune.data.images import set_max_file_bytes
+
+            set_max_file_bytes(values["max_image_mb"] << 20)
         if args._name not in WITHOUT_TORCH:
             cpu_only.skip_triton()  # before torchvision and transformers import torch._dynamo
         return int(args._handler(values) or 0)

@@ -50,8 +50,26 @@ class Input:
     minimum: float | None = None  # inclusive
     below: float | None = None  # exclusive upper bound
     auto: bool = False  # None means "chosen by the defaults chain"
-    azure: bool = True  # part of the Azure component's interface
+    azure: bool = True  # part of the interface of Azure's own component
     also: tuple = ()  # other allowed values outside [minimum, below), e.g. -1
+    # The generated Azure ML components (components.py). ``description``: the input's text in
+    # the component, the spec's full wording (``help`` stays the short CLI text); empty: help.
+    # ``component``: in visiontune's component; None: when ``azure`` (visiontune's own extras
+    # are optional component inputs too). ``component_default``: the default the component
+    # declares where Azure's differs from the CLI's (the CLI keeps its own, e.g. auto).
+    # ``component_type``: an Azure type other than the kind's, e.g. custom_model.
+    description: str = ""
+    component: bool | None = None
+    component_default: Any = None
+    component_type: str | None = None
+
+    @property
+    def in_component(self) -> bool:
+        return self.azure if self.component is None else self.component
+
+    @property
+    def component_description(self) -> str:
+        return self.description or self.help
 
     def describe_allowed(self) -> str:
         if self.choices:
@@ -163,6 +181,9 @@ IMPORT_INPUTS: tuple[Input, ...] = (
 # ---------------------------------------------------------------------------------------------
 # Data inputs shared by finetune, pipeline, data check, evaluate and predict
 # ---------------------------------------------------------------------------------------------
+MAX_IMAGE_MB = Input("max_image_mb", "int",
+                     "Largest image file or download read, in MB; a larger one is a bad row.",
+                     default=256, minimum=1, azure=False)
 DATA_INPUTS: tuple[Input, ...] = (
     Input("image_column", "str", "Column of the annotation data that holds the image path or URL.",
           default="image_url", azure=False),
@@ -171,6 +192,7 @@ DATA_INPUTS: tuple[Input, ...] = (
     Input("skip_bad_rows", "bool",
           "Skip rows whose image or label cannot be used (and report how many) instead of "
           "stopping before training.", default=False, azure=False),
+    MAX_IMAGE_MB,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -321,6 +343,7 @@ PREDICT_INPUTS: tuple[Input, ...] = (
     RUNTIME_INPUT,
     Input("image_column", "str", "Column of the annotation data that holds the image path or URL.",
           default="image_url", azure=False),
+    MAX_IMAGE_MB,
 )
 
 EXPORT_ONNX_INPUTS: tuple[Input, ...] = (

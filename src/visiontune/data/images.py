@@ -13,7 +13,7 @@ Conversions (after EXIF orientation is applied, so pixels are as a viewer shows 
 
 Images over MAX_PIXELS pixels are refused as possible decompression bombs. Only regular files
 are read (a named pipe, device, socket or folder is refused without being read), and no read
-takes more than max_file_bytes() bytes, whatever the source.
+takes more than max_file_bytes() bytes (the max_image_mb input), whatever the source.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ HTTP_DEADLINE_S = 300.0  # for a whole download, so that a server sending a tric
 # Larger than the serving limit per image (inference.DEFAULT_MAX_IMAGE_BYTES): a photo within
 # MAX_PIXELS can legitimately take more as PNG or TIFF. The limit bounds the memory one read
 # may take (a device, a runaway file, an endless download); the environment can raise it.
-ENV_MAX_FILE_MB = "VISIONTUNE_MAX_IMAGE_MB"
-DEFAULT_MAX_FILE_MB = 256
+DEFAULT_MAX_FILE_MB = 256  # the max_image_mb input's default
+_max_file = {"bytes": DEFAULT_MAX_FILE_MB << 20}
 _EXIF_ORIENTATION = 0x0112
 # Opening a named pipe without O_NONBLOCK waits for a writer, forever; a regular file ignores it.
 _OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
@@ -70,13 +70,13 @@ def cache_dir() -> Path:
 
 
 def max_file_bytes() -> int:
-    """The most bytes one image file or download may hold: $VISIONTUNE_MAX_IMAGE_MB megabytes
-    (MiB), default DEFAULT_MAX_FILE_MB."""
-    try:
-        megabytes = float(os.environ.get(ENV_MAX_FILE_MB, DEFAULT_MAX_FILE_MB))
-    except ValueError:
-        megabytes = DEFAULT_MAX_FILE_MB
-    return max(1, int(megabytes * (1 << 20)))
+    """The most bytes one image file or download may hold (the ``max_image_mb`` input)."""
+    return _max_file["bytes"]
+
+
+def set_max_file_bytes(limit: int) -> None:
+    """Set the limit for this process (commands call it with their ``max_image_mb`` input)."""
+    _max_file["bytes"] = max(1, int(limit))
 
 
 def _size(n: int) -> str:
@@ -91,7 +91,7 @@ class ImageTooLarge(DataError):
         self.size, self.limit = size, limit
         held = f"is {_size(size)}, over" if size is not None else "holds more than"
         super().__init__(f"image too large: {what} {held} the limit of {_size(limit)} per image "
-                         f"(set {ENV_MAX_FILE_MB} to raise it)")
+                         "(--max_image_mb raises it)")
 
 
 def read_image_bytes(uri: str, max_bytes: int | None = None) -> bytes:
