@@ -133,3 +133,25 @@ def test_load_for_finetune_errors(tiny, tmp_path):
         load_for_finetune(tiny["vit"], ["a", "b"], "detection")
     with pytest.raises(UserError, match="unique"):
         load_for_finetune(tiny["vit"], ["a", "a"], MULTICLASS)
+
+
+@pytest.mark.parametrize("kind", ["resnet", "vit", "timm"])
+def test_16_bit_weights_reload_as_float32_for_training_and_scoring(kind, tmp_path):
+    """What a DeepSpeed precision-16 run saves: bf16 weights. Prediction, evaluation and serving
+    (Classifier) and a further fine-tune reload them as float32; a CNN would otherwise fail
+    with 'Input type (float) and bias type (BFloat16)'."""
+    import numpy as np
+    from transformers import AutoModelForImageClassification
+
+    from visiontune.inference import Classifier
+
+    folder = save_tiny_model(kind, tmp_path / "model", image_size=32)
+    reference = Classifier(folder, device="cpu").logits(random_images(2))
+    bf16 = AutoModelForImageClassification.from_pretrained(str(folder)).to(torch.bfloat16)
+    bf16.save_pretrained(str(folder))  # as DeepSpeed's precision-16 save leaves them
+    classifier = Classifier(folder, device="cpu")
+    assert {p.dtype for p in classifier.model.parameters()} == {torch.float32}
+    logits = classifier.logits(random_images(2))
+    assert logits.dtype == np.float32 and np.allclose(logits, reference, atol=0.1)
+    trained = load_for_finetune(folder, ["a", "b", "c"], "image-classification")
+    assert {p.dtype for p in trained.parameters()} == {torch.float32}

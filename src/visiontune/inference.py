@@ -146,8 +146,11 @@ class Classifier(ClassifierBase):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         from visiontune.models.loading import accept_any_image_size, prefer_channels_last
 
+        # float32 whatever the saved weights are (a DeepSpeed precision-16 run saves 16-bit
+        # ones, which transformers would otherwise keep)
         self.model = accept_any_image_size(prefer_channels_last(
-            AutoModelForImageClassification.from_pretrained(str(folder)).to(self.device).eval()))
+            AutoModelForImageClassification.from_pretrained(str(folder), dtype=torch.float32)
+            .to(self.device).eval()))
         config = self.model.config
         task = meta.get("model_metadata", {}).get("finetuning_task")
         if task not in (MULTICLASS, MULTILABEL):

@@ -136,6 +136,7 @@ def load_for_finetune(model_dir: str | Path, classes: list[str], task: str):
       rows that belong to other classes).
     The problem type chooses the loss, for native and timm-wrapper models alike
     (cross-entropy for single-label, BCE-with-logits for multi-label)."""
+    import torch
     from transformers import AutoModelForImageClassification
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
@@ -161,6 +162,7 @@ def load_for_finetune(model_dir: str | Path, classes: list[str], task: str):
             label2id={name: i for i, name in enumerate(classes)},
             ignore_mismatched_sizes=True,
             problem_type=PROBLEM_TYPES[task],
+            dtype=torch.float32,  # training keeps float32 weights, whatever was saved
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the model in {path}: {_first_line(exc)}") from None
