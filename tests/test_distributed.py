@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import needs_native_bf16, subset
 from visiontune.cli import main
@@ -330,3 +331,47 @@ def test_torchrun_bf16_cnn_with_the_fast_depthwise_backward(datasets, tmp_path):
     losses = [row["loss"] for row in history(out) if "loss" in row]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)  # 2 epochs of 3 steps
     assert losses[-1] < losses[0]
+
+
+def test_torchrun_resumed_in_the_middle_of_an_epoch_ends_like_the_uninterrupted_run(tiny_vit, datasets, tmp_path):
+    """Two processes, killed (SIGKILL to the whole launch) right after a checkpoint inside an
+    epoch, then resumed: the same weights, bit for bit, as two processes never stopped, with
+    augmentations on (each rank's random state and the per-image augmentation seeds restored)."""
+    from safetensors.torch import load_file
+
+    task = MULTICLASS
+    steps = {"save_strategy": "steps", "save_steps": 2, "evaluation_strategy": "steps",
+             "evaluation_steps": 2, "apply_augmentations": True, "save_total_limit": -1}
+
+    def launch(out, resume=False):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "visiontune",
+                "finetune", *cli_args(tiny_vit, datasets[task], task, out, 8, **steps,
+                                      resume_from_checkpoint=resume)]
+
+    whole = tmp_path / "whole"
+    codes, outputs, _ = run_together([(launch(whole), clean_env())])
+    assert codes == [0], why(outputs)
+
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(launch(stopped), env=clean_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = stopped / "checkpoint-2" / "visiontune_complete.json"
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert marker.exists(), "no mid-epoch checkpoint was written"
+    assert not (stopped / "model.safetensors").exists(), "the run ended before it was stopped"
+
+    codes, outputs, _ = run_together([(launch(stopped, resume=True), clean_env())])
+    assert codes == [0], why(outputs)
+    assert "resuming from" in outputs[0]
+    a, b = load_file(whole / "model.safetensors"), load_file(stopped / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps_logged = [h["step"] for h in history(stopped) if "loss" in h and "eval_loss" not in h]
+    assert steps_logged == sorted(set(steps_logged)) == [h["step"] for h in history(whole)
+                                                         if "loss" in h and "eval_loss" not in h]
