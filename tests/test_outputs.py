@@ -236,3 +236,14 @@ def test_the_mlflow_model_fills_a_mount_point_and_replaces_an_earlier_one(capsys
         assert not [p.name for p in mount.iterdir() if p.name.startswith(".")]
     model = mlflow.pyfunc.load_model(str(mount))
     assert model.metadata.metadata["written_by"] == "visiontune"
+
+
+def test_export_onnx_checks_its_output_and_the_weights_first(capsys, corrupt_model, tiny_vit, tmpfs, tmp_path):
+    pytest.importorskip("onnxscript")
+    code = main(["export-onnx", "--model", str(tiny_vit), "--output_dir", str(tmpfs(read_only=True) / "x")])
+    assert code == 2
+    _one_error_line(capsys.readouterr().err, "--output_dir", "Read-only file system")
+    code = main(["export-onnx", "--model", str(corrupt_model), "--output_dir", str(tmp_path / "onnx")])
+    assert code == 2
+    _one_error_line(capsys.readouterr().err, "--model", "cannot load the model")
+    assert not (tmp_path / "onnx").exists()

@@ -35,6 +35,7 @@ import numpy as np
 from visiontune import __version__
 from visiontune.errors import UserError
 from visiontune.inference import MULTILABEL, Classifier, ClassifierBase, model_folder
+from visiontune.outputs import check_folder
 
 log = logging.getLogger(__name__)
 
@@ -134,12 +135,9 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, opset: int = 18) 
         raise UserError(f"--opset: {opset} is not supported; torch's ONNX exporter writes opset "
                         f"{MIN_OPSET} or newer (ONNX Runtime 1.14 and later run it)")
     source = model_folder(model_dir)
-    output_dir = Path(output_dir).expanduser()
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output_dir: {output_dir} is a file")
-    output_dir.mkdir(parents=True, exist_ok=True)
-
+    output_dir = check_folder(output_dir, "output_dir", create=False)  # before the model loads
     classifier = Classifier(source, device="cpu")
+    output_dir.mkdir(parents=True, exist_ok=True)
     pre = classifier.preprocessing
     module = _logits_module(classifier.model.float())
     example = torch.randn(EXAMPLE_BATCH, 3, pre.height, pre.width,

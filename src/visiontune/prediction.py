@@ -47,7 +47,6 @@ def open_model(path: str | Path, runtime: str = "auto") -> ClassifierBase:
     there is no GPU: 2.5x PyTorch's images/s for EfficientNet-Lite0 on the CPU (BENCHMARKS.md).
     Otherwise PyTorch."""
     import torch
-    from safetensors import SafetensorError
 
     from visiontune.onnx_export import find_export, onnxruntime_available, open_onnx_classifier
 
@@ -71,11 +70,9 @@ def open_model(path: str | Path, runtime: str = "auto") -> ClassifierBase:
             log.info("scoring with ONNX Runtime (%s)", export)
             return open_onnx_classifier(export, model_dir)
         return Classifier(model_dir)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        # a damaged or truncated weights file included
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    except (OSError, ValueError, KeyError) as exc:  # the ONNX export (Classifier says its own)
         raise UserError(f"--model: cannot load the model in {export if use_ort else model_dir}: "
-                        f"{first}") from None
+                        f"{exc}") from None
 
 
 class Progress:
