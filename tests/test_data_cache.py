@@ -220,12 +220,12 @@ def test_switches(photo_files, tmp_path, monkeypatch):
     assert explicit_off._entries is None
 
 
-def test_bad_and_remote_images_take_the_plain_path(photo_files, tmp_path):
+def test_bad_and_remote_images_take_the_plain_path(photo_files, tmp_path, refused_port):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(photo_files[0].read_bytes()[:5000])
     missing = tmp_path / "missing.jpg"
     rows = records([photo_files[0], broken, missing])
-    rows.append(Record("http://127.0.0.1:9/never.jpg", "a", "rows.jsonl:4"))
+    rows.append(Record(f"http://127.0.0.1:{refused_port}/never.jpg", "a", "rows.jsonl:4"))
     ds = ImageDataset(rows, ["a", "b"], MULTICLASS, eval_transform(PRE), image_cache=True,
                       cache_dir=str(tmp_path / "cache"))
     assert ds._entries[0] is not None and ds._entries[1:] == [None, None, None]

@@ -214,13 +214,13 @@ def test_http_is_fetched_once_then_cached(http_server, tmp_path, monkeypatch):
     assert len(cached) == 1 and len(cached[0].name) == 64  # sha256 hex, no partial files left
 
 
-def test_http_failure_is_clear(http_server, tmp_path, monkeypatch):
+def test_http_failure_is_clear(http_server, tmp_path, monkeypatch, refused_port):
     base, _, hits = http_server
     monkeypatch.setenv("VISIONTUNE_CACHE_DIR", str(tmp_path / "cache"))
     with pytest.raises(DataError, match=r"cannot download .*/missing.png: HTTP 404"):
         read_image_bytes(f"{base}/missing.png")
     with pytest.raises(DataError, match="cannot download"):
-        read_image_bytes("http://127.0.0.1:9/x.png")  # nothing listens on the discard port
+        read_image_bytes(f"http://127.0.0.1:{refused_port}/x.png")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
