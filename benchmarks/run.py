@@ -97,7 +97,8 @@ def _variants() -> dict[str, Variant]:
         # a: visiontune finetune as users run it (its defaults: channels-last CNNs, fused AdamW,
         # the decoded-image cache, draft JPEG decoding, 0 data-loader workers on a CPU-only run).
         Variant("vt32", "vt", "effnet", 32, describe="visiontune finetune, precision 32"),
-        Variant("vt16", "vt", "effnet", 16, describe="visiontune finetune, precision 16 (bf16)"),
+        Variant("vt16", "vt", "effnet", 16, describe="visiontune finetune, precision 16 (bf16 where "
+                "the CPU has it natively, else float32)"),
         # b: the Hugging Face recipe, its defaults and its documented switches.
         Variant("hf32", "hf", "effnet", 32, describe="HF recipe defaults: fp32, 0 workers"),
         Variant("hf16", "hf", "effnet", 16, workers=2, describe="HF recipe --bf16 --dataloader_num_workers 2"),
