@@ -338,7 +338,7 @@ def test_file_size_limit_at_and_over(tmp_path, monkeypatch):
     assert read_image_bytes(str(path), max_bytes=size) == path.read_bytes()
     with pytest.raises(images.ImageTooLarge,
                        match=rf"image too large: {re.escape(str(path))} is {size:,} bytes, over the "
-                             rf"limit of {size - 1:,} bytes per image \(--max_image_mb raises it"):
+                             rf"limit of {size - 1:,} bytes per image \(the max_image_mb input raises it"):
         read_image_bytes(str(path), max_bytes=size - 1)
     # The default limit, on a sparse file (no disk spent): refused from its size, never read.
     huge = tmp_path / "huge.png"

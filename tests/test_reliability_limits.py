@@ -49,7 +49,7 @@ def rows_with_unreadable_images(tmp_path):
         f"{rows}:3: image path is a named pipe (FIFO), not a regular file: {fifo}",
         f"{rows}:4: image path is a character device, not a regular file: /dev/zero",
         f"{rows}:5: image too large: {huge} is 256.0 MB, over the limit of 256.0 MB per image "
-        "(--max_image_mb raises it)",
+        "(the max_image_mb input raises it)",
     ]
     return rows, expected
 

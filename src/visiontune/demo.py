@@ -173,9 +173,9 @@ def write_demo_data(output_dir, seed: int = 0) -> dict[str, Path]:
     """
     from sklearn.datasets import load_digits
 
-    out = Path(output_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir: {output_dir} exists and is not a folder")
+    from visiontune.outputs import check_folder
+
+    out = check_folder(Path(output_dir).expanduser().resolve(), "output_dir", create=False)
     bunch = load_digits()
     images, targets = bunch.images, bunch.target
     splits = split_digits(targets, seed)

@@ -37,10 +37,32 @@ PR_CURVES_PNG = "precision_recall_curves.png"
 ANNOTATED_CELLS_UP_TO = 30  # classes; beyond that the counts in the cells become unreadable
 
 
+REPORT_FILES = frozenset({METRICS_FILE, PER_CLASS_FILE, PREDICTIONS_FILE, CONFUSION_CSV,
+                          CONFUSION_PNG, PER_CLASS_PNG, PR_CURVES_PNG})
+
+
+def is_evaluation_report(folder: Path) -> bool:
+    """An earlier evaluation's report (which may be replaced): only the report's files, and a
+    metrics.json that evaluate wrote."""
+    names = {p.name for p in folder.iterdir()}
+    if not names <= REPORT_FILES or METRICS_FILE not in names:
+        return False
+    try:
+        metrics = json.loads((folder / METRICS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(metrics, dict) and {"task", "number_of_images", "per_class"} <= set(metrics)
+
+
+def check_report_folder(path: str | Path, input_name: str) -> Path:
+    """Before the model and the data: a folder the report may be written to."""
+    return check_folder(path, input_name, replaceable=is_evaluation_report, create=False)
+
+
 def run_evaluate(values: dict[str, Any]) -> int:
     tune = values.get("tune_thresholds") or "none"
     if values.get("output_dir"):  # before the model and the data
-        check_folder(values["output_dir"], "output_dir", create=False)
+        check_report_folder(values["output_dir"], "output_dir")
     classifier = open_model(values["model"], values.get("runtime") or "auto")
     task = classifier.task
     if tune != "none" and task != MULTILABEL:

@@ -57,7 +57,10 @@ def model_folder(model: str | Path) -> Path:
 def check_threshold(value: Any, num_classes: int) -> np.ndarray:
     """The saved multi-label threshold as an array: a scalar (one for all classes, 0.5 when
     unset) or one value per class, in class order."""
-    threshold = np.asarray(0.5 if value is None else value, dtype=np.float64)
+    try:
+        threshold = np.asarray(0.5 if value is None else value, dtype=np.float64)
+    except (TypeError, ValueError):
+        threshold = np.zeros((0, 0))  # reported below
     if threshold.ndim > 1 or (threshold.ndim == 1 and threshold.shape[0] != num_classes):
         raise ValueError(
             f"multilabel_threshold must be a number or a list of {num_classes} numbers (one per "
@@ -80,7 +83,12 @@ class ClassifierBase:
         self.classes = classes
         self.task = task
         self.preprocessing = preprocessing
-        self.threshold = check_threshold(threshold, len(classes))
+        try:
+            self.threshold = check_threshold(threshold, len(classes))
+        except ValueError as exc:
+            from visiontune.errors import UserError
+
+            raise UserError(f"--model: {model_dir}: the saved {exc}") from None
         self.transform = eval_transform(preprocessing)
 
     def batch_logits(self, batch) -> np.ndarray:

@@ -124,6 +124,13 @@ def _check_with_ort(path: Path, module, height: int, width: int) -> float:
     return float(np.max(np.abs(got - expected)) / max(1.0, float(np.max(np.abs(expected)))))
 
 
+def _earlier_export(folder: Path) -> bool:
+    names = {p.name for p in folder.iterdir()}
+    return METADATA_FILE in names and all(
+        n in (METADATA_FILE, ONNX_FILE, ONNX_FILE + ".data") or n.startswith(".onnx-export-")
+        for n in names)
+
+
 def export_onnx(model_dir: str | Path, output_dir: str | Path, opset: int = 18) -> Path:
     """Export the fine-tuned model in ``model_dir`` (PyTorch or MLflow folder) into
     ``output_dir``; return the path of ``model.onnx``."""
@@ -135,7 +142,8 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, opset: int = 18) 
         raise UserError(f"--opset: {opset} is not supported; torch's ONNX exporter writes opset "
                         f"{MIN_OPSET} or newer (ONNX Runtime 1.14 and later run it)")
     source = model_folder(model_dir)
-    output_dir = check_folder(output_dir, "output_dir", create=False)  # before the model loads
+    # before the model loads; an earlier export there may be replaced, nothing else
+    output_dir = check_folder(output_dir, "output_dir", replaceable=_earlier_export, create=False)
     classifier = Classifier(source, device="cpu")
     output_dir.mkdir(parents=True, exist_ok=True)
     pre = classifier.preprocessing

@@ -137,8 +137,10 @@ class FolderLock:
         self.path = Path(folder) / LOCK_FILE
         self.input_name = input_name
         self._fd: int | None = None
+        self._created = False
 
     def __enter__(self) -> "FolderLock":
+        self._created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -173,6 +175,9 @@ class FolderLock:
             finally:
                 os.close(self._fd)  # releases the flock
                 self._fd = None
+            if self._created:  # a run refused before it wrote anything leaves no folder
+                with contextlib.suppress(OSError):
+                    self.path.parent.rmdir()
 
     def _record(self) -> dict:
         try:

@@ -48,8 +48,12 @@ def _run_pipeline(values: dict[str, Any]) -> int:
     out = Path(values["output_dir_pytorch"])
     evaluation_dir = Path(values["output_dir_evaluation"] or out / "evaluation")
 
-    # 1. Inputs: every cross-input rule that does not need the model itself.
+    # 1. Inputs: every cross-input rule and output that does not need the model itself.
     check_finetune_inputs({**values, "model_path": None}, model_name=values["model_name"])
+    if distributed.is_main_process() and values["output_dir_evaluation"]:
+        from visiontune.evaluation import check_report_folder
+
+        check_report_folder(evaluation_dir, "output_dir_evaluation")
 
     # 2. Data, before any model is imported.
     _say("[1/4] validating data")

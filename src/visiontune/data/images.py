@@ -91,7 +91,7 @@ class ImageTooLarge(DataError):
         self.size, self.limit = size, limit
         held = f"is {_size(size)}, over" if size is not None else "holds more than"
         super().__init__(f"image too large: {what} {held} the limit of {_size(limit)} per image "
-                         "(--max_image_mb raises it)")
+                         "(the max_image_mb input raises it)")
 
 
 def read_image_bytes(uri: str, max_bytes: int | None = None) -> bytes:

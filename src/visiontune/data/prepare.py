@@ -160,7 +160,11 @@ def prepare_data(
     classes = build_classes(train, validation, [str(c) for c in extra_classes])
     if len(classes) < 2:
         found = f"only the class {classes[0]!r}" if classes else "no labels at all"
-        raise DataError(f"the data has {found}; image classification needs at least 2 classes")
+        given = f"training data {training_data}" + (f" and validation data {validation_data}"
+                                                     if has_validation else "")
+        verb = "hold" if has_validation else "holds"
+        raise DataError(f"the {given} {verb} {found}; image classification needs at least 2 "
+                        "classes (--training_data)")
 
     split = not has_validation
     if split:
@@ -219,8 +223,9 @@ def prepare_test_data(
     if bad:
         summary = summarize_problems(bad, rows, f"{name} {source}")
         if not skip_bad_rows:
-            raise DataError(summary + ". Fix these rows, or pass --skip_bad_rows true to go on "
-                            "without them; `visiontune data check` lists them all.")
+            raise DataError(summary + ". Fix these rows, or pass skip_bad_rows true "
+                            "(--skip_bad_rows true) to go on without them; `visiontune data check` "
+                            "lists them all.")
         log.warning("skipped: %s", summary)
     if not good:
         raise DataError(f"{name} {source} has no usable rows"

@@ -262,6 +262,20 @@ def _check_config(model_dir: Path, option: str) -> None:
             )
 
 
+def _check_weights(model_dir: Path, option: str) -> None:
+    """Refuse safetensors weights that are damaged or cut short (their header must describe
+    the whole file), before copying them. Reads the headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"{option}: {path} cannot be read as weights ({first})") from None
+
+
 def _check_processor(folder: Path, option: str) -> None:
     from visiontune.models.loading import load_image_processor
 
@@ -428,6 +442,7 @@ def import_model(*, model_name: str | None = None, pytorch_model: str | Path | N
         model_dir = _find_model_folder(root, option)
         with _quiet_transformers():
             _check_config(model_dir, option)
+        _check_weights(model_dir, option)
     _prepare_output(output_dir, [root] if root is not None and source != "hub" else [])
 
     # Assembled inside output_dir (which may be a mount point) and moved into place there.

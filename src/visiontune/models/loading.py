@@ -137,6 +137,7 @@ def load_for_finetune(model_dir: str | Path, classes: list[str], task: str):
     The problem type chooses the loss, for native and timm-wrapper models alike
     (cross-entropy for single-label, BCE-with-logits for multi-label)."""
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForImageClassification
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
@@ -164,8 +165,9 @@ def load_for_finetune(model_dir: str | Path, classes: list[str], task: str):
             problem_type=PROBLEM_TYPES[task],
             dtype=torch.float32,  # training keeps float32 weights, whatever was saved
         )
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load the model in {path}: {_first_line(exc)}") from None
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        # a damaged or truncated weights file included
+        raise UserError(f"--model_path: cannot load the model in {path}: {_first_line(exc)}") from None
     if old_labels == classes:
         log.info("classes match the checkpoint's: keeping its trained head (%d classes)", len(classes))
     elif sorted(old_labels) == sorted(classes) and _reorder_heads(model, [old_labels.index(c) for c in classes]):

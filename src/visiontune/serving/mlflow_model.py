@@ -16,8 +16,9 @@ image is decoded when one image, or all of them together, hold too many.
 
 MLflow's server parses the JSON body before the model sees it, and answers a body nested deeper
 than Python's recursion limit, or holding an integer too long to convert, with a bare HTTP 500;
-loading this model wraps that parser so that those get the 400 other unparsable JSON gets
-(``_answer_unreadable_json_with_400``). MLflow reads the whole body whatever its size: put a
+loading this model wraps that parser so that those get the 400 other unparsable JSON gets,
+and a request without a Content-Type or with an unreadable Parquet body a 4xx without a
+traceback (``_answer_bad_requests_with_400``). MLflow reads the whole body whatever its size: put a
 body-size limit in front of a public server.
 
 The limits and permissions are the pyfunc's ``model_config`` (stored in ``MLmodel``): set them
@@ -109,7 +110,7 @@ def _bad_request(message: str):
 class ImageClassifierModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         self.config = ServingConfig.from_dict(getattr(context, "model_config", None))
-        _answer_unreadable_json_with_400()
+        _answer_bad_requests_with_400()
         artifacts = context.artifacts
         if "onnx" in artifacts:
             from visiontune.onnx_export import open_onnx_classifier
@@ -205,35 +206,64 @@ def _decode_all(values: list[Any], config: ServingConfig) -> list[Any]:
     return _refuse_failed_rows(_in_threads(decode, [data for data, _ in encoded]))
 
 
-def _answer_unreadable_json_with_400() -> None:
-    """MLflow's scoring server parses the request body before the model sees it, and turns only
-    syntax and encoding errors into a 400: JSON nested deeper than Python's recursion limit
-    (RecursionError) or holding an integer too long to convert (ValueError) end as a bare 500.
-    Wrap its parser once so that those are a 400 too; where MLflow's internals differ, nothing
-    is changed and MLflow's own answers stand."""
+def _answer_bad_requests_with_400() -> None:
+    """MLflow's scoring server reads the request before the model sees it, and answers some
+    malformed requests with a bare 500 or with its own traceback: JSON nested deeper than
+    Python's recursion limit (RecursionError) or holding an integer too long to convert
+    (ValueError), a request without a Content-Type, a body that is not the Parquet its
+    Content-Type says. Wrap those steps once so that each is a 4xx with one message; where
+    MLflow's internals differ, nothing is changed and MLflow's own answers stand."""
     try:
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import BAD_REQUEST
         from mlflow.pyfunc import scoring_server
     except ImportError:
         return
-    parse = getattr(scoring_server, "_decode_json_input", None)
-    if not callable(parse) or getattr(parse, "_visiontune_wrapped", False):
-        return
 
-    @functools.wraps(parse)
-    def parse_or_400(*args, **kwargs):
-        try:
-            return parse(*args, **kwargs)
-        except RecursionError:
-            raise MlflowException("Invalid input: the JSON is nested too deeply to be read",
-                                  error_code=BAD_REQUEST) from None
-        except ValueError as exc:  # the JSON syntax errors MLflow already turns into a 400
-            raise MlflowException(f"Invalid input: the JSON cannot be read ({exc})",
-                                  error_code=BAD_REQUEST) from None
+    def wrap(name: str, make):
+        original = getattr(scoring_server, name, None)
+        if callable(original) and not getattr(original, "_visiontune_wrapped", False):
+            wrapped = functools.wraps(original)(make(original))
+            wrapped._visiontune_wrapped = True
+            setattr(scoring_server, name, wrapped)
 
-    parse_or_400._visiontune_wrapped = True
-    scoring_server._decode_json_input = parse_or_400
+    def json_or_400(parse):
+        def parse_or_400(*args, **kwargs):
+            try:
+                return parse(*args, **kwargs)
+            except RecursionError:
+                raise MlflowException("Invalid input: the JSON is nested too deeply to be read",
+                                      error_code=BAD_REQUEST) from None
+            except ValueError as exc:  # the JSON syntax errors MLflow already turns into a 400
+                raise MlflowException(f"Invalid input: the JSON cannot be read ({exc})",
+                                      error_code=BAD_REQUEST) from None
+        return parse_or_400
+
+    def parquet_or_400(parse):
+        def parse_or_400(parquet_input):
+            import pandas as pd
+
+            try:
+                return pd.read_parquet(parquet_input)
+            except Exception as exc:  # noqa: BLE001 - any unreadable body is the client's error
+                raise MlflowException(f"Invalid input: the body is not a Parquet table "
+                                      f"({type(exc).__name__})", error_code=BAD_REQUEST) from None
+        return parse_or_400
+
+    def content_type_or_415(invocations):
+        def invocations_or_415(data, content_type, *args, **kwargs):
+            if not (content_type or "").strip():
+                return scoring_server.InvocationsResponse(
+                    response=json.dumps({"error_code": "BAD_REQUEST", "message":
+                                         "the request needs a Content-Type: application/json, "
+                                         "text/csv or application/vnd.apache.parquet"}),
+                    status=415, mimetype="application/json")
+            return invocations(data, content_type, *args, **kwargs)
+        return invocations_or_415
+
+    wrap("_decode_json_input", json_or_400)
+    wrap("parse_parquet_input", parquet_or_400)
+    wrap("invocations", content_type_or_415)
 
 
 def _requirements(names) -> list[str]:
