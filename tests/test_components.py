@@ -1,14 +1,18 @@
-"""The Azure ML component specs in components/: generated from inputs.py, valid for the Azure ML
-SDK, and in step with the CLI they run.
+"""The Azure ML component specs in components/: generated from inputs.py, with the interface of
+Azure's own image-classification components, valid for the Azure ML SDK, and in step with the CLI
+they run.
 
-The set compared everywhere: a component has exactly the inputs (and outputs) of its input
-table marked ``azure=True``; the table's ``azure=False`` inputs (image_column, label_column,
-skip_bad_rows, validation_fraction, multilabel_threshold, ...) are options of the CLI only.
+A command component has exactly the inputs (and outputs) of its input table that are
+``in_component``: Azure's own, plus visiontune's extras (image_column, label_column,
+skip_bad_rows, max_image_mb, validation_fraction, multilabel_threshold) as optional inputs. The
+pipeline is a ``type: pipeline`` component with Azure's pipeline inputs and outputs whose jobs
+run the command components. A subcommand or a generated file that disappears fails here.
 """
 
 import argparse
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,13 +24,32 @@ from visiontune.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDER = REPO / "components"
-BY_FILE = {c.file: c for c in C.COMPONENTS}
+BY_FILE = C.BY_FILE
+FILES = sorted([*BY_FILE, C.PIPELINE_FILE])
+EXTRAS = ("image_column", "label_column", "skip_bad_rows", "max_image_mb", "validation_fraction",
+          "multilabel_threshold")
+# Inputs Azure chooses per model: optional, without a default (azure-components.md).
+CHOSEN_PER_MODEL = (
+    "apply_deepspeed", "apply_ort", "number_of_epochs", "max_steps", "training_batch_size",
+    "validation_batch_size", "learning_rate", "learning_rate_scheduler", "warmup_steps",
+    "optimizer", "weight_decay", "gradient_accumulation_step", "label_smoothing_factor",
+    "max_grad_norm", "metric_for_best_model",
+)
+# Azure's finetune defaults (azure-components.md), as its YAML declares them.
+AZURE_FINETUNE_DEFAULTS = {
+    "image_width": -1, "image_height": -1, "apply_augmentations": True, "number_of_workers": 8,
+    "auto_find_batch_size": False, "extra_optim_args": "", "precision": "32", "random_seed": 42,
+    "evaluation_strategy": "epoch", "logging_strategy": "epoch", "save_strategy": "epoch",
+    "evaluation_steps": 500, "logging_steps": 500, "save_steps": 500, "save_total_limit": -1,
+    "early_stopping": False, "early_stopping_patience": 1, "resume_from_checkpoint": False,
+    "save_as_mlflow_model": True,
+}
 
 
 def _subcommand(name: str) -> argparse.ArgumentParser:
+    """The CLI's parser of ``name``; a component whose subcommand is gone fails the test."""
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    if name not in sub.choices:
-        pytest.skip(f"the CLI has no '{name}' subcommand yet")
+    assert name in sub.choices, f"the CLI has no '{name}' subcommand, which a component runs"
     return sub.choices[name]
 
 
@@ -38,11 +61,22 @@ def _cli_options(parser: argparse.ArgumentParser) -> dict[str, I.Input]:
     return specs
 
 
+def _spec(file: str) -> dict:
+    return C.component_specs()[file]
+
+
+def _committed(file: str) -> dict:
+    path = FOLDER / f"{file}.yaml"
+    assert path.is_file(), f"{path} is missing: run python -m visiontune.components --write components/"
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
 # ---------------------------------------------------------------------------------------------
-# Without the Azure ML SDK
+# Generated files
 # ---------------------------------------------------------------------------------------------
 def test_committed_files_are_the_generated_ones():
-    assert set(p.name for p in FOLDER.glob("*.yaml")) == {f"{c.file}.yaml" for c in C.COMPONENTS}
+    assert {p.name for p in FOLDER.glob("*.y*ml")} == {f"{f}.yaml" for f in FILES}
+    assert set(C.component_specs()) == set(FILES) == {"model_import", "finetune", "evaluate", "pipeline"}
     stale = C.stale_components(FOLDER)
     assert not stale, f"{stale} are stale: run python -m visiontune.components --write components/"
     for name, spec in C.component_specs().items():
@@ -51,34 +85,126 @@ def test_committed_files_are_the_generated_ones():
         assert yaml.safe_load(text) == spec
 
 
+def test_check_fails_on_a_missing_stale_or_foreign_file(tmp_path, capsys):
+    folder = tmp_path / "components"
+    shutil.copytree(FOLDER, folder)
+    assert C.main(["--check", str(folder)]) == 0
+    (folder / "evaluate.yaml").unlink()
+    assert C.main(["--check", str(folder)]) == 1
+    assert "evaluate.yaml is stale" in capsys.readouterr().err
+    C.write_components(folder)
+    (folder / "pipeline.yaml").write_text((folder / "pipeline.yaml").read_text() + "# edited\n")
+    assert C.main(["--check", str(folder)]) == 1
+    C.write_components(folder)
+    (folder / "old_component.yaml").write_text("type: command\n")
+    assert C.main(["--check", str(folder)]) == 1
+    assert "old_component.yaml is not generated" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Command components: the input table, Azure's interface, the CLI
+# ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("file", sorted(BY_FILE))
 def test_specs_match_the_input_table(file):
     component = BY_FILE[file]
-    spec = C.component_specs()[file]
-    table = [i for i in component.inputs if i.azure]
+    spec = _spec(file)
+    assert spec["type"] == "command" and spec["is_deterministic"] is False
+    table = [i for i in component.inputs if i.in_component]
     assert list(spec["inputs"]) == [i.name for i in table if i.name not in I.OUTPUT_NAMES]
     assert list(spec["outputs"]) == [i.name for i in table if i.name in I.OUTPUT_NAMES]
     for item in table:
         if item.name in I.OUTPUT_NAMES:
-            expected = "custom_model" if item.name == "output_dir_pytorch" else "uri_folder"
-            assert spec["outputs"][item.name]["type"] == expected
+            assert spec["outputs"][item.name] == {"type": item.component_type or "uri_folder",
+                                                  "description": item.component_description}
             continue
         got = spec["inputs"][item.name]
         as_string = item.kind == "int" and bool(item.choices)  # Azure enums are strings
-        assert got["type"] == ("string" if as_string else I.AZURE_TYPES[item.kind])
-        default = str(item.default) if as_string and item.default is not None else item.default
-        assert got.get("default") == default
-        assert got.get("optional", False) == (not item.required and item.default is None)
+        expected_type = item.component_type or ("string" if as_string else I.AZURE_TYPES[item.kind])
+        assert got["type"] == expected_type
+        default = C.component_default(item)
+        default = str(default) if as_string and default is not None else default
+        assert got.get("default") == default, item.name
+        # Every input that is not required is optional, with or without a default (as Azure's).
+        assert got.get("optional", False) == (not item.required), item.name
         assert got.get("enum") == ([str(c) for c in item.choices] if as_string else list(item.choices) or None)
-        assert got["description"] == item.help
+        assert got["description"] == item.component_description
 
 
-def test_the_visiontune_only_inputs_stay_out_of_the_components():
-    finetune = C.component_specs()["finetune"]["inputs"]
-    extras = {i.name for i in I.FINETUNE_INPUTS if not i.azure}
-    assert {"image_column", "label_column", "multilabel_threshold", "validation_fraction"} <= extras
-    assert not extras & set(finetune)
-    assert {"test_data", "model_name", "training_data"} <= set(C.component_specs()["pipeline"]["inputs"])
+def test_finetune_has_azure_s_interface():
+    spec = _spec("finetune")
+    inputs = spec["inputs"]
+    assert spec["distribution"] == {"type": "pytorch"}
+    for name, item in inputs.items():
+        if "default" in item:
+            assert item["optional"] is True, name
+    for name in CHOSEN_PER_MODEL:
+        assert inputs[name]["optional"] is True and "default" not in inputs[name], name
+    assert {n: inputs[n].get("default") for n in AZURE_FINETUNE_DEFAULTS} == AZURE_FINETUNE_DEFAULTS
+    assert inputs["precision"]["type"] == "string" and set(inputs["precision"]["enum"]) == {"16", "32"}
+    for name in ("model_path", "training_data", "task_name"):
+        assert "optional" not in inputs[name] and "default" not in inputs[name], name
+    assert inputs["training_data"]["type"] == inputs["validation_data"]["type"] == "mltable"
+    assert {n: o["type"] for n, o in spec["outputs"].items()} == {
+        "output_dir_pytorch": "custom_model", "output_dir_mlflow": "mlflow_model"}
+    command = spec["command"]
+    assert "--output_dir_pytorch ${{outputs.output_dir_pytorch}}" in command
+    assert "$[[--number_of_workers ${{inputs.number_of_workers}}]]" in command
+
+
+def test_model_import_has_azure_s_interface():
+    spec = _spec("model_import")
+    inputs = spec["inputs"]
+    assert list(inputs) == ["model_family", "model_name", "pytorch_model", "mlflow_model",
+                            "download_from_source"]
+    family = inputs["model_family"]
+    assert (family["type"], family["optional"], family["default"], family["enum"]) == (
+        "string", True, "HuggingFaceImage", ["HuggingFaceImage"])
+    assert (inputs["model_name"]["type"], inputs["model_name"]["optional"]) == ("string", True)
+    assert (inputs["pytorch_model"]["type"], inputs["pytorch_model"]["optional"]) == ("custom_model", True)
+    assert (inputs["mlflow_model"]["type"], inputs["mlflow_model"]["optional"]) == ("mlflow_model", True)
+    download = inputs["download_from_source"]
+    assert (download["type"], download["optional"], download["default"]) == ("boolean", True, False)
+    assert "ignored" in download["description"]
+    assert spec["outputs"]["output_dir"]["type"] == "uri_folder"
+
+
+def test_descriptions_are_the_spec_s_full_text_and_the_cli_keeps_its_short_help():
+    finetune = _spec("finetune")
+    described = [i for i in I.FINETUNE_INPUTS if i.azure]
+    assert {i.name for i in described} == set(I.SPEC_TEXT)
+    for item in described:
+        text = finetune["inputs"].get(item.name) or finetune["outputs"][item.name]
+        assert text["description"] == I.SPEC_TEXT[item.name]
+        assert item.help != I.SPEC_TEXT[item.name]  # --help keeps the short text
+    assert finetune["inputs"]["image_width"]["description"].endswith(
+        "If either image_width or image_height is set to -1, default value would be used for both "
+        "width and height.")
+    help_text = _subcommand("finetune").format_help()
+    assert "overwritten by default image" not in help_text
+
+
+def test_the_visiontune_extras_are_optional_component_inputs_with_the_cli_defaults():
+    inputs = _spec("finetune")["inputs"]
+    table = I.by_name(I.FINETUNE_INPUTS)
+    for name in EXTRAS:
+        item = table[name]
+        assert not item.azure and item.in_component
+        assert inputs[name]["optional"] is True and inputs[name]["default"] == item.default, name
+    evaluate = _spec("evaluate")["inputs"]
+    assert {"image_column", "label_column", "skip_bad_rows", "max_image_mb"} <= set(evaluate)
+    # Threshold tuning writes into the model folder, which is a read-only input in a job.
+    assert not {"tune_thresholds", "tuning_data", "threshold_metric"} & set(evaluate)
+
+
+def test_the_cli_keeps_its_own_number_of_workers_default():
+    """The component declares Azure's 8; the CLI, given nothing, still leaves it to visiontune
+    (8 with a GPU, 0 on a CPU-only run)."""
+    spec = I.by_name(I.FINETUNE_INPUTS)["number_of_workers"]
+    assert spec.auto and spec.default is None
+    values = I.resolve(I.FINETUNE_INPUTS, {"model_path": "m", "training_data": "d",
+                                           "task_name": I.MULTICLASS, "output_dir_pytorch": "o"})
+    assert values["number_of_workers"] is None
+    assert "(default: auto)" in _subcommand("finetune").format_help().replace("\n", " ").replace("  ", " ")
 
 
 def _fill(command: str, component: C.Component, with_optional: bool) -> list[str]:
@@ -94,8 +220,9 @@ def _fill(command: str, component: C.Component, with_optional: bool) -> list[str
             return f"/mnt/out/{item.name}"
         if item.choices:
             return str(item.choices[0])
-        if item.default is not None:
-            return str(item.default) if item.kind != "bool" else str(item.default).title()
+        default = C.component_default(item)
+        if default not in (None, ""):
+            return str(default) if item.kind != "bool" else str(default).title()
         return samples[item.kind]
 
     command = re.sub(r"\$\[\[(.*?)\]\]", r"\1" if with_optional else "", command)
@@ -107,47 +234,278 @@ def _fill(command: str, component: C.Component, with_optional: bool) -> list[str
 def test_the_command_parses_with_the_cli(file, with_optional):
     component = BY_FILE[file]
     parser = _subcommand(component.command)
-    argv = _fill(C.component_specs()[file]["command"], component, with_optional)
+    argv = _fill(_spec(file)["command"], component, with_optional)
     assert argv[:3] == ["python", "-m", "visiontune"] and argv[3] == component.command
     args = parser.parse_args(argv[4:])
     given = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "config"}
     values = I.resolve(parser.get_default("_specs"), given)
-    azure = {i.name for i in component.inputs if i.azure}
-    optional = {i.name for i in C.azure_inputs(component.inputs) if not i.required and i.default is None}
-    assert set(given) == (azure if with_optional else azure - optional)
+    in_component = {i.name for i in component.inputs if i.in_component}
+    optional = {i.name for i in C.azure_inputs(component.inputs) if not i.required}
+    assert set(given) == (in_component if with_optional else in_component - optional)
     if "extra_optim_args" in given:
         assert values["extra_optim_args"] == "a b; c"  # free text stays one argument
     if "precision" in given:
         assert values["precision"] == 16  # the string enum converts back to an integer
+    if "number_of_workers" in given:
+        assert values["number_of_workers"] == 8
+    if file == "model_import" and with_optional:
+        assert values["model_family"] == "HuggingFaceImage" and values["download_from_source"] is False
+
+
+def test_a_component_whose_subcommand_is_gone_fails_rather_than_skips(monkeypatch):
+    from visiontune import cli
+
+    monkeypatch.delitem(cli.COMMANDS, "evaluate")
+    with pytest.raises(AssertionError, match="no 'evaluate' subcommand"):
+        _subcommand("evaluate")
+
+
+@pytest.mark.parametrize("file", sorted(BY_FILE))
+def test_every_component_input_is_a_cli_option(file):
+    component = BY_FILE[file]
+    cli = _cli_options(_subcommand(component.command))
+    spec = _spec(file)
+    assert set(spec["inputs"]) | set(spec["outputs"]) <= set(cli)
+    assert set(spec["inputs"]) | set(spec["outputs"]) == {n for n, s in cli.items() if s.in_component}
+
+
+def test_skip_bad_rows_advice_names_the_input_for_component_users(tmp_path):
+    """A component user sets the input ``skip_bad_rows``; the error names it so, not only as a
+    CLI option."""
+    from visiontune.data.prepare import prepare_data
+    from visiontune.errors import UserError
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"image_url": "missing.png", "label": "a"}\n')
+    with pytest.raises(UserError) as err:
+        prepare_data(str(data), None, task=I.MULTICLASS, image_column="image_url",
+                     label_column="label", validation_fraction=0.2, seed=0, skip_bad_rows=False)
+    assert "skip_bad_rows true (--skip_bad_rows true)" in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline component
+# ---------------------------------------------------------------------------------------------
+def test_pipeline_has_azure_s_interface():
+    spec = _spec("pipeline")
+    assert spec["type"] == "pipeline" and spec["is_deterministic"] is False
+    inputs = spec["inputs"]
+    run = ["compute_model_import", "compute_finetune", "instance_count",
+           "process_count_per_instance", "compute_model_evaluation"]
+    imports = ["model_family", "model_name", "pytorch_model", "mlflow_model", "download_from_source"]
+    finetune = [n for n in _spec("finetune")["inputs"] if n != "model_path"]
+    evaluation = ["test_data", "test_batch_size", "label_column_name", "input_column_names",
+                  "evaluation_config", "evaluation_config_params"]
+    assert list(inputs) == run + imports + finetune + evaluation
+    for name in ("compute_model_import", "compute_finetune"):
+        assert inputs[name]["type"] == "string" and "optional" not in inputs[name]
+    assert (inputs["instance_count"]["default"], inputs["process_count_per_instance"]["default"]) == (1, 1)
+    assert inputs["compute_model_evaluation"]["optional"] is True
+    assert inputs["test_data"]["type"] == "mltable" and "optional" not in inputs["test_data"]
+    assert (inputs["test_batch_size"]["type"], inputs["test_batch_size"]["default"]) == ("integer", 4)
+    assert inputs["label_column_name"]["default"] == "label"
+    assert inputs["input_column_names"]["default"] == "image_url"
+    assert inputs["evaluation_config"] == {**inputs["evaluation_config"], "type": "uri_file", "optional": True}
+    assert inputs["evaluation_config_params"]["type"] == "string"
+    # Every finetune input as the finetune component declares it, but save_total_limit: 5.
+    for name in finetune:
+        if name != "save_total_limit":
+            assert inputs[name] == _spec("finetune")["inputs"][name], name
+    assert inputs["save_total_limit"]["default"] == 5
+    assert "The default value is 5." in inputs["save_total_limit"]["description"]
+    for name in imports:
+        assert inputs[name] == _spec("model_import")["inputs"][name]
+    assert {n: o["type"] for n, o in spec["outputs"].items()} == {
+        "mlflow_model_folder": "mlflow_model", "pytorch_model_folder": "custom_model"}
+
+
+def test_pipeline_jobs_import_then_finetune_distributed_then_evaluate():
+    jobs = _spec("pipeline")["jobs"]
+    assert list(jobs) == ["model_import", "finetune", "evaluate"]
+    imp, fin, ev = jobs["model_import"], jobs["finetune"], jobs["evaluate"]
+    assert imp["compute"] == "${{parent.inputs.compute_model_import}}"
+    assert fin["compute"] == "${{parent.inputs.compute_finetune}}"
+    assert ev["compute"] == "${{parent.inputs.compute_model_evaluation}}"
+    assert fin["distribution"] == {
+        "type": "pytorch", "process_count_per_instance": "${{parent.inputs.process_count_per_instance}}"}
+    assert fin["resources"]["instance_count"] == "${{parent.inputs.instance_count}}"
+    assert fin["inputs"]["model_path"] == "${{parent.jobs.model_import.outputs.output_dir}}"
+    assert fin["outputs"] == {"output_dir_pytorch": "${{parent.outputs.pytorch_model_folder}}",
+                              "output_dir_mlflow": "${{parent.outputs.mlflow_model_folder}}"}
+    assert ev["inputs"]["model"] == "${{parent.jobs.finetune.outputs.output_dir_pytorch}}"
+    assert ev["inputs"]["test_data"] == "${{parent.inputs.test_data}}"
+    assert ev["inputs"]["batch_size"] == "${{parent.inputs.test_batch_size}}"
+    assert ev["inputs"]["label_column"] == "${{parent.inputs.label_column_name}}"
+    assert ev["inputs"]["image_column"] == "${{parent.inputs.input_column_names}}"
+
+
+def test_pipeline_bindings_name_real_inputs_outputs_and_components():
+    spec = _spec("pipeline")
+    used = set()
+    for name, job in spec["jobs"].items():
+        component_file = FOLDER / job["component"]
+        assert component_file.is_file(), f"job {name}: {component_file} is missing"
+        component = _committed(component_file.stem)
+        assert job["type"] == component["type"] == "command"
+        assert set(job["inputs"]) <= set(component["inputs"]), name
+        required = {n for n, i in component["inputs"].items() if not i.get("optional")}
+        assert required <= set(job["inputs"]), f"job {name} leaves required inputs unbound"
+        assert set(job.get("outputs", {})) <= set(component["outputs"])
+        for value in [*job["inputs"].values(), job["compute"]]:
+            for kind, ref in re.findall(r"\$\{\{parent\.(inputs|jobs)\.([\w.]+)\}\}", value):
+                if kind == "inputs":
+                    assert ref in spec["inputs"], (name, ref)
+                    used.add(ref)
+                else:
+                    job_name, _, output = ref.split(".")
+                    earlier = list(spec["jobs"])[:list(spec["jobs"]).index(name)]
+                    assert job_name in earlier, (name, ref)
+                    assert output in _committed(Path(spec["jobs"][job_name]["component"]).stem)["outputs"]
+        for value in job.get("outputs", {}).values():
+            assert re.fullmatch(r"\$\{\{parent\.outputs\.(\w+)\}\}", value).group(1) in spec["outputs"]
+        for key in ("process_count_per_instance",):
+            used.update(re.findall(r"parent\.inputs\.(\w+)", str(job.get("distribution", {}).get(key, ""))))
+        used.update(re.findall(r"parent\.inputs\.(\w+)", str(job.get("resources", {}))))
+    # Every pipeline input feeds a job, but the two Azure accepts for its own evaluator.
+    assert set(spec["inputs"]) - used == {"evaluation_config", "evaluation_config_params"}
 
 
 # ---------------------------------------------------------------------------------------------
 # With the Azure ML SDK (offline: no workspace)
 # ---------------------------------------------------------------------------------------------
+def _sdk():
+    return pytest.importorskip("azure.ai.ml", reason="the Azure ML SDK: pip install -e '.[azure]'")
+
+
+def _read_back_default(item):
+    default = item.default
+    if item.type == "boolean" and default is not None:
+        assert default in (0, 1, True, False)  # False may read back as 0
+        default = bool(default)
+    return default
+
+
 @pytest.mark.parametrize("file", sorted(BY_FILE))
-def test_azure_ml_loads_the_component_and_it_matches_the_cli(file):
-    ml = pytest.importorskip("azure.ai.ml")
+def test_azure_ml_loads_the_command_component_as_generated(file):
+    ml = _sdk()
     component = BY_FILE[file]
     loaded = ml.load_component(str(FOLDER / f"{file}.yaml"))
+    spec = _spec(file)
     assert loaded.name == component.name and loaded.type == "command"
+    assert loaded.is_deterministic is False
     assert (getattr(loaded.distribution, "type", None) == "pytorch") == component.distributed
-    validate = getattr(loaded, "_validate", None)  # checks the ${{...}} bindings of the command
-    if validate is not None:
-        result = validate()
-        assert result.passed, result.error_messages
-
-    cli = _cli_options(_subcommand(component.command))
-    azure_cli = {n: s for n, s in cli.items() if s.azure}
-    assert set(loaded.inputs) | set(loaded.outputs) == set(azure_cli)
-    assert set(loaded.outputs) == set(azure_cli) & I.OUTPUT_NAMES
+    result = loaded._validate()  # checks the ${{...}} bindings of the command
+    assert result.passed, result.error_messages
+    assert list(loaded.inputs) == list(spec["inputs"])
+    assert list(loaded.outputs) == list(spec["outputs"])
+    table = I.by_name(component.inputs)
     for name, item in loaded.inputs.items():
-        spec = azure_cli[name]
-        default = item.default
-        if item.type == "boolean" and default is not None:
-            assert default in (0, 1)  # False may read back as 0
-            default = bool(default)
-        # What the CLI makes of the component's default is the CLI's own default.
-        assert spec.convert(default) == spec.default, name
-        assert bool(item.optional) == (not spec.required and spec.default is None), name
-        enum = getattr(item, "enum", None)
-        assert [spec.convert(e) for e in enum or []] == list(spec.choices), name
+        declared = spec["inputs"][name]
+        assert item.type == declared["type"], name
+        assert bool(item.optional) == declared.get("optional", False), name
+        assert _read_back_default(item) == declared.get("default"), name
+        assert list(getattr(item, "enum", None) or []) == declared.get("enum", []), name
+        # What the CLI makes of the component's default: Azure's where the component declares
+        # its own (number_of_workers 8, extra_optim_args ""), else the CLI's default; none
+        # declared (apply_deepspeed, apply_ort): the CLI's default applies.
+        declared = C.component_default(table[name])
+        if declared is None:
+            assert item.default is None, name
+        else:
+            converted = table[name].convert(_read_back_default(item))
+            assert converted == table[name].convert(declared), name
+    for name, item in loaded.outputs.items():
+        assert item.type == spec["outputs"][name]["type"], name
+
+
+def test_azure_ml_loads_the_pipeline_component_with_its_jobs():
+    ml = _sdk()
+    loaded = ml.load_component(str(FOLDER / "pipeline.yaml"))
+    spec = _spec("pipeline")
+    assert loaded.type == "pipeline" and loaded.name == C.PIPELINE_NAME
+    assert loaded.is_deterministic is False
+    assert list(loaded.inputs) == list(spec["inputs"])
+    for name, item in loaded.inputs.items():
+        declared = spec["inputs"][name]
+        assert item.type == declared["type"], name
+        assert bool(item.optional) == declared.get("optional", False), name
+        assert _read_back_default(item) == declared.get("default"), name
+    assert {n: o.type for n, o in loaded.outputs.items()} == {
+        "mlflow_model_folder": "mlflow_model", "pytorch_model_folder": "custom_model"}
+    assert set(loaded.jobs) == {"model_import", "finetune", "evaluate"}
+    finetune = loaded.jobs["finetune"]
+    assert finetune.distribution.type == "pytorch"
+    result = loaded._validate()
+    assert result.passed, result.error_messages
+
+
+def _data(ml, name: str):
+    return ml.Input(type="mltable", path=f"azureml://datastores/workspaceblobstore/paths/{name}/")
+
+
+def test_a_notebook_pipeline_of_the_command_components_validates():
+    """Built in Python as Azure's notebooks build one: the components loaded from their files,
+    chained in a dsl.pipeline, then validated by the SDK (no workspace)."""
+    ml = _sdk()
+    from azure.ai.ml.dsl import pipeline
+
+    model_import = ml.load_component(str(FOLDER / "model_import.yaml"))
+    finetune = ml.load_component(str(FOLDER / "finetune.yaml"))
+    evaluate = ml.load_component(str(FOLDER / "evaluate.yaml"))
+
+    @pipeline(default_compute="cpu-cluster")
+    def classify(training_data, validation_data, test_data):
+        imported = model_import(model_name="google/vit-base-patch16-224")
+        trained = finetune(model_path=imported.outputs.output_dir, training_data=training_data,
+                           validation_data=validation_data, task_name="image-classification",
+                           number_of_epochs=3, skip_bad_rows=True, precision="16")
+        trained.compute = "gpu-cluster"
+        trained.resources = {"instance_count": 2}
+        trained.distribution = {"type": "pytorch", "process_count_per_instance": 4}
+        report = evaluate(model=trained.outputs.output_dir_pytorch, test_data=test_data)
+        return {"pytorch_model_folder": trained.outputs.output_dir_pytorch,
+                "mlflow_model_folder": trained.outputs.output_dir_mlflow,
+                "evaluation": report.outputs.output_dir}
+
+    job = classify(training_data=_data(ml, "train"), validation_data=_data(ml, "valid"),
+                   test_data=_data(ml, "test"))
+    result = job._validate()
+    assert result.passed, result.error_messages
+    trained = job.jobs["trained"]
+    assert trained.distribution.process_count_per_instance == 4
+    assert trained.resources.instance_count == 2
+
+    # The validation has teeth: a required input left out is reported.
+    @pipeline(default_compute="cpu-cluster")
+    def incomplete(training_data):
+        imported = model_import(model_name="google/vit-base-patch16-224")
+        finetune(model_path=imported.outputs.output_dir, training_data=training_data)
+
+    result = incomplete(training_data=_data(ml, "train"))._validate()
+    assert not result.passed and "task_name" in str(result.error_messages)
+
+
+def test_a_notebook_pipeline_job_of_the_pipeline_component_validates():
+    """The pipeline component itself in a dsl.pipeline, with Azure's pipeline inputs."""
+    ml = _sdk()
+    from azure.ai.ml.dsl import pipeline
+
+    classification = ml.load_component(str(FOLDER / "pipeline.yaml"))
+
+    @pipeline(default_compute="cpu-cluster")
+    def notebook(training_data, validation_data, test_data):
+        node = classification(
+            compute_model_import="cpu-cluster", compute_finetune="gpu-cluster",
+            compute_model_evaluation="cpu-cluster", instance_count=2, process_count_per_instance=4,
+            model_name="google/vit-base-patch16-224", task_name="image-classification-multilabel",
+            training_data=training_data, validation_data=validation_data, test_data=test_data,
+            number_of_epochs=15, metric_for_best_model="iou", label_column_name="label",
+            input_column_names="image_url",
+        )
+        return {"trained_model": node.outputs.mlflow_model_folder,
+                "pytorch_model": node.outputs.pytorch_model_folder}
+
+    job = notebook(training_data=_data(ml, "train"), validation_data=_data(ml, "valid"),
+                   test_data=_data(ml, "test"))
+    result = job._validate()
+    assert result.passed, result.error_messages

@@ -58,15 +58,66 @@ def _model_name(model_dir: Path, metadata: dict[str, Any]) -> str | None:
 
 
 def check_model_folder(model_path: str) -> Path:
+    """The folder holding the model's config.json: ``model_path`` itself (visiontune's import
+    output, any Hugging Face folder), or the folder that its ``model_selector_args.json`` names
+    (Azure's import output: ``pytorch_model_path`` or ``mlflow_model_path``, relative to it,
+    e.g. ``"model"``)."""
     folder = Path(model_path)
     if not folder.is_dir():
         raise UserError(f"--model_path: folder not found: {model_path}")
-    if not (folder / "config.json").is_file():
+    if (folder / "config.json").is_file():
+        return folder
+    inner = _selected_model_folder(folder)
+    if inner is not None:
+        return inner
+    raise UserError(
+        f"--model_path: {model_path} is not a model folder (no config.json); pass the output "
+        "folder of `visiontune import-model` or a Hugging Face model folder"
+    )
+
+
+def _selected_model_folder(folder: Path) -> Path | None:
+    """The model folder a model import output's ``model_selector_args.json`` points to; None
+    when there is no such file. An import output without model files (Azure's import of a hub
+    model leaves the download to its finetune) fails with what to do instead."""
+    from visiontune.models.importer import METADATA_FILE, read_model_metadata
+
+    path = folder / METADATA_FILE
+    if not path.is_file():
+        return None
+    try:
+        args = read_model_metadata(folder)
+    except UserError as exc:
+        raise UserError(f"--model_path: {exc}") from None
+    named = []
+    for key in ("pytorch_model_path", "mlflow_model_path"):
+        value = args.get(key)
+        if not isinstance(value, str) or value.strip() in ("", "."):
+            continue
+        inner = (folder / value.strip()).resolve()
+        named.append(f"{key} {value!r}")
+        if not inner.is_relative_to(folder.resolve()):
+            raise UserError(f"--model_path: {path}: {key} {value!r} points outside {folder}")
+        if (inner / "config.json").is_file():
+            return inner
+        # An MLflow model copied whole keeps the Hugging Face files in a subfolder.
+        configs = sorted((p for p in inner.rglob("config.json")
+                          if not any(part.startswith("checkpoint-") for part in p.relative_to(inner).parts)),
+                         key=lambda p: (len(p.parts), str(p)))
+        if configs:
+            return configs[0].parent
+    if named:
+        raise UserError(f"--model_path: {folder} names its model in {path.name} "
+                        f"({', '.join(named)}) but holds no config.json there")
+    name = args.get("model_name")
+    if name:
         raise UserError(
-            f"--model_path: {model_path} is not a model folder (no config.json); pass the output "
-            "folder of `visiontune import-model` or a Hugging Face model folder"
+            f"--model_path: {folder} is a model import output that names the model {name!r} but "
+            "holds no model files (Azure's import leaves a hub model to be downloaded by its "
+            "finetune); import it with visiontune's model import (model_name "
+            f"{name}) and pass that output"
         )
-    return folder
+    return None
 
 
 def _device_flags() -> tuple[bool, bool]:
@@ -169,6 +220,7 @@ def _clean_output_dir(out: Path, resume: bool) -> Path | None:
         if checkpoint is None:
             log.warning("resume_from_checkpoint: no complete checkpoint in %s; starting from the "
                         "beginning", out)
+            trim_metrics_log(out / METRICS_LOG, 0)  # every step is trained again
         else:
             log.info("resuming from %s", checkpoint)
             step = int(checkpoint.name.rsplit("-", 1)[1])
@@ -178,7 +230,7 @@ def _clean_output_dir(out: Path, resume: bool) -> Path | None:
     old = list_checkpoints(out)
     if old:
         log.warning("output_dir_pytorch holds %d checkpoint(s) of an earlier run; removing them "
-                    "(pass --resume_from_checkpoint true to continue that run instead)", len(old))
+                    "(resume_from_checkpoint true, --resume_from_checkpoint true, continues that run instead)", len(old))
         for _, folder in old:
             shutil.rmtree(folder, ignore_errors=True)
     metrics_log = out / METRICS_LOG
@@ -201,10 +253,15 @@ def check_outputs(values: dict[str, Any]) -> None:
     if values.get("model_path") and Path(values["model_path"]).resolve() == out.resolve():
         raise UserError("--output_dir_pytorch: must not be the --model_path folder (the model "
                         "would be overwritten while it is read); give another folder")
-    check_folder(out, "output_dir_pytorch", replaceable=_earlier_run)
+    check_folder(out, "output_dir_pytorch", replaceable=_earlier_run, create=False)
     if values["save_as_mlflow_model"]:
-        check_folder(values["output_dir_mlflow"], "output_dir_mlflow",
-                     replaceable=is_visiontune_mlflow_model, create=False)
+        mlflow_dir = Path(values["output_dir_mlflow"]).resolve()
+        if mlflow_dir == out.resolve() or mlflow_dir in out.resolve().parents:
+            raise UserError(f"--output_dir_mlflow: {mlflow_dir} must not be --output_dir_pytorch or "
+                            "a folder holding it (the MLflow model replaces that folder's contents); "
+                            "give another folder, e.g. one inside --output_dir_pytorch")
+        check_folder(mlflow_dir, "output_dir_mlflow", replaceable=is_visiontune_mlflow_model,
+                     create=False)
 
 
 def check_finetune_inputs(values: dict[str, Any], model_name: str | None) -> None:
@@ -242,7 +299,8 @@ def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data,
 
     from visiontune.models.importer import read_model_metadata
 
-    metadata = read_model_metadata(model_dir)
+    # Azure's import layout keeps the model in a subfolder and its metadata beside it
+    metadata = read_model_metadata(model_dir) or read_model_metadata(values["model_path"])
     base_model = _model_name(model_dir, metadata)
     values, sources = apply_defaults(values, task, base_model, model_dir)
     distributed.check_launch_environment()
