@@ -184,7 +184,7 @@ def build_environment(spec_path: str | Path, cache_root: Path | None = None,
     if (venv / COMPLETE).is_file():
         return venv
     with open(root / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be building it
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another test run may be building it
         if (venv / COMPLETE).is_file():
             return venv
         shutil.rmtree(venv, ignore_errors=True)  # an interrupted build

@@ -7,9 +7,9 @@ import layouts both ways: visiontune's finetune reads Azure's import output (the
 
 Slow tests (``-m slow``): each component run as an Azure job by the emulator: the command built
 from the spec, the code folder as working directory, an environment built from the component's
-own ``environment`` section only (one cached build for the session: minutes and GBs the first
-time), read-only inputs, each output a tmpfs mount point, Azure's job variables and one process
-per rank for distributed jobs.
+own ``environment`` section only (built once and reused by every test run: minutes and GBs the
+first time), read-only inputs, each output a tmpfs mount point, Azure's job variables and one
+process per rank for distributed jobs.
 """
 
 import json
