@@ -34,7 +34,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -45,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from conftest import free_port
 
 ENV_CACHE_VAR = "VISIONTUNE_AZURE_ENV_CACHE"
 DEFAULT_ENV_CACHE = Path.home() / ".cache" / "visiontune" / "azure-envs"
@@ -290,12 +291,6 @@ class JobResult:
         return f"job {self.name} exited {self.returncode}; command:\n{self.command}\n" + "\n".join(
             f"--- process {i} (last lines) ---\n" + "\n".join(log.splitlines()[-40:])
             for i, log in enumerate(self.logs))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def job_variables(run_id: str, experiment: str) -> dict[str, str]:

@@ -144,26 +144,18 @@ class Classifier(ClassifierBase):
 
     def __init__(self, model_dir: str | Path, device: str | None = None):
         import torch
-        from safetensors import SafetensorError
-        from transformers import AutoModelForImageClassification
 
         from visiontune.data.transforms import Preprocessing, resolve_preprocessing
-        from visiontune.errors import UserError
 
         folder = resolve_model_dir(model_dir)
         meta_path = folder / METADATA_FILE
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        from visiontune.models.loading import accept_any_image_size, prefer_channels_last
+        from visiontune.models.loading import (
+            accept_any_image_size, load_float32_classifier, prefer_channels_last,
+        )
 
-        # float32 whatever the saved weights are (a DeepSpeed precision-16 run saves 16-bit
-        # ones, which transformers would otherwise keep)
-        try:
-            loaded = AutoModelForImageClassification.from_pretrained(str(folder), dtype=torch.float32)
-        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-            # a damaged or truncated weights file included
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UserError(f"--model: cannot load the model in {folder}: {first}") from None
+        loaded = load_float32_classifier(folder, "--model")
         self.model = accept_any_image_size(prefer_channels_last(loaded.to(self.device).eval()))
         config = self.model.config
         task = meta.get("model_metadata", {}).get("finetuning_task")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from visiontune import __version__
-from visiontune.errors import UserError
+from visiontune.errors import UserError, first_line
 from visiontune.models.builtin import BUILTIN_MODELS, PROCESSOR_FILE, write_timm_processor_config
 from visiontune.outputs import LOCK_FILE, check_folder, staged
 
@@ -159,7 +159,7 @@ def _bin_to_safetensors(files: list[Path], target: Path) -> None:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as exc:  # pickles that are not plain tensors are refused here
-            raise UserError(f"cannot read weights {file}: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"cannot read weights {file}: {first_line(exc)}") from None
         tensors.update(state.get("state_dict", state) if isinstance(state, dict) else {})
     seen: set[int] = set()
     out = {}
@@ -272,8 +272,7 @@ def _check_weights(model_dir: Path, option: str) -> None:
             with safe_open(str(path), framework="pt"):
                 pass
         except (SafetensorError, OSError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UserError(f"{option}: {path} cannot be read as weights ({first})") from None
+            raise UserError(f"{option}: {path} cannot be read as weights ({first_line(exc)})") from None
 
 
 def _check_processor(folder: Path, option: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from visiontune.errors import UserError
+from visiontune.errors import UserError, first_line
 from visiontune.inputs import MULTICLASS, MULTILABEL
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def load_config(model_dir: str | Path, **kwargs):
     try:
         return AutoConfig.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as exc:
-        raise UserError(f"cannot read the model config in {path}: {_first_line(exc)}") from None
+        raise UserError(f"cannot read the model config in {path}: {first_line(exc)}") from None
 
 
 def checkpoint_labels(config) -> list[str]:
@@ -57,7 +57,7 @@ def load_image_processor(model_dir: str | Path):
         return AutoImageProcessor.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(
-            f"no usable image processor in {path} (preprocessor_config.json): {_first_line(exc)}"
+            f"no usable image processor in {path} (preprocessor_config.json): {first_line(exc)}"
         ) from None
 
 
@@ -126,6 +126,21 @@ def _reorder_heads(model, order: list[int]) -> bool:
     return True
 
 
+def load_float32_classifier(path: str | Path, option: str, **kwargs):
+    """``AutoModelForImageClassification.from_pretrained`` in float32, whatever dtype the weights
+    were saved in (transformers keeps the saved one: a DeepSpeed precision-16 run saves 16-bit
+    weights); weights that cannot be read, damaged or cut short included, are one line naming
+    ``option``."""
+    import torch
+    from safetensors import SafetensorError
+    from transformers import AutoModelForImageClassification
+
+    try:
+        return AutoModelForImageClassification.from_pretrained(str(path), dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        raise UserError(f"{option}: cannot load the model in {path}: {first_line(exc)}") from None
+
+
 def load_for_finetune(model_dir: str | Path, classes: list[str], task: str):
     """The model with a head for ``classes`` and the loss of ``task``.
 
@@ -136,9 +151,6 @@ def load_for_finetune(model_dir: str | Path, classes: list[str], task: str):
       rows that belong to other classes).
     The problem type chooses the loss, for native and timm-wrapper models alike
     (cross-entropy for single-label, BCE-with-logits for multi-label)."""
-    import torch
-    from safetensors import SafetensorError
-    from transformers import AutoModelForImageClassification
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
     if task not in PROBLEM_TYPES:
@@ -155,19 +167,14 @@ def load_for_finetune(model_dir: str | Path, classes: list[str], task: str):
             f"{path}: model type {config.model_type!r} has no image-classification model in transformers"
         )
     old_labels = checkpoint_labels(config)
-    try:
-        model = AutoModelForImageClassification.from_pretrained(
-            path,
-            num_labels=len(classes),
-            id2label=dict(enumerate(classes)),
-            label2id={name: i for i, name in enumerate(classes)},
-            ignore_mismatched_sizes=True,
-            problem_type=PROBLEM_TYPES[task],
-            dtype=torch.float32,  # training keeps float32 weights, whatever was saved
-        )
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        # a damaged or truncated weights file included
-        raise UserError(f"--model_path: cannot load the model in {path}: {_first_line(exc)}") from None
+    model = load_float32_classifier(
+        path, "--model_path",
+        num_labels=len(classes),
+        id2label=dict(enumerate(classes)),
+        label2id={name: i for i, name in enumerate(classes)},
+        ignore_mismatched_sizes=True,
+        problem_type=PROBLEM_TYPES[task],
+    )
     if old_labels == classes:
         log.info("classes match the checkpoint's: keeping its trained head (%d classes)", len(classes))
     elif sorted(old_labels) == sorted(classes) and _reorder_heads(model, [old_labels.index(c) for c in classes]):
@@ -224,6 +231,3 @@ def prefer_channels_last(model):
     return model.to(memory_format=torch.channels_last) if is_cnn(model) else model
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -230,7 +230,8 @@ def _clean_output_dir(out: Path, resume: bool) -> Path | None:
     old = list_checkpoints(out)
     if old:
         log.warning("output_dir_pytorch holds %d checkpoint(s) of an earlier run; removing them "
-                    "(resume_from_checkpoint true, --resume_from_checkpoint true, continues that run instead)", len(old))
+                    "(resume_from_checkpoint true, --resume_from_checkpoint true, continues that "
+                    "run instead)", len(old))
         for _, folder in old:
             shutil.rmtree(folder, ignore_errors=True)
     metrics_log = out / METRICS_LOG
