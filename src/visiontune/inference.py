@@ -211,32 +211,15 @@ def _looks_like_path(text: str) -> bool:
 def _fetch_url(url: str, max_bytes: int) -> bytes:
     """Download into memory (never to disk), reading at most ``max_bytes`` + 1 bytes; each
     network operation times out, and so does the whole download."""
-    import time
-    import urllib.error
-    import urllib.request
+    from visiontune.data.images import ImageTooLarge, download
+    from visiontune.errors import DataError
 
-    from visiontune.data.images import read_at_most
-
-    request = urllib.request.Request(url, headers={"User-Agent": "visiontune"})
     try:
-        with urllib.request.urlopen(request, timeout=URL_TIMEOUT_S) as response:
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise _too_large(int(declared), max_bytes)
-            data = read_at_most(response.read1, max_bytes,
-                                deadline=time.monotonic() + URL_DEADLINE_S)
-    except PayloadError:
-        raise
-    except urllib.error.HTTPError as exc:
-        raise PayloadError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
-    except TimeoutError:
-        raise PayloadError(f"cannot download {url}: timed out (each read may take "
-                           f"{URL_TIMEOUT_S:g} s, the whole download {URL_DEADLINE_S:g} s)") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise PayloadError(f"cannot download {url}: {getattr(exc, 'reason', None) or exc}") from None
-    if len(data) > max_bytes:
-        raise _too_large(len(data), max_bytes)
-    return data
+        return download(url, max_bytes, timeout=URL_TIMEOUT_S, deadline_s=URL_DEADLINE_S)
+    except ImageTooLarge as exc:
+        raise _too_large(exc.size if exc.size is not None else max_bytes + 1, max_bytes) from None
+    except DataError as exc:
+        raise PayloadError(str(exc)) from None
 
 
 def _read_path(text: str, max_bytes: int) -> bytes:

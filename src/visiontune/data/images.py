@@ -43,7 +43,7 @@ HTTP_TIMEOUT_S = 30.0  # per network operation (connect, each read)
 HTTP_DEADLINE_S = 300.0  # for a whole download, so that a server sending a trickle cannot stall it
 # Larger than the serving limit per image (inference.DEFAULT_MAX_IMAGE_BYTES): a photo within
 # MAX_PIXELS can legitimately take more as PNG or TIFF. The limit bounds the memory one read
-# may take (a device, a runaway file, an endless download); the environment can raise it.
+# may take (a device, a runaway file, an endless download); the max_image_mb input sets it.
 DEFAULT_MAX_FILE_MB = 256  # the max_image_mb input's default
 _max_file = {"bytes": DEFAULT_MAX_FILE_MB << 20}
 _EXIF_ORIENTATION = 0x0112
@@ -143,17 +143,16 @@ def read_local_file(path: Path, limit: int) -> bytes:
             raise ImageTooLarge(str(path), info.st_size, limit)
         if _OPEN_FLAGS & getattr(os, "O_NONBLOCK", 0):
             os.set_blocking(fd, True)
-        data = read_at_most(handle.read, limit, first=info.st_size + 1)
-    if len(data) > limit:  # it grew while being read
-        raise ImageTooLarge(str(path), None, limit)
-    return data
+        # ImageTooLarge too when it grew while being read
+        return read_at_most(handle.read, limit, str(path), first=info.st_size + 1)
 
 
-def read_at_most(read, limit: int, first: int = 1 << 20, deadline: float | None = None) -> bytes:
-    """Call ``read(n)`` until it returns nothing or more than ``limit`` bytes have come: at most
-    ``limit`` + 1 bytes are kept, so the caller can tell "over the limit" apart. ``first``: the
-    size of the first read (a file's size + 1 reads a whole file in one call). TimeoutError
-    when ``deadline`` (time.monotonic()) passes."""
+def read_at_most(read, limit: int, what: str, first: int = 1 << 20,
+                 deadline: float | None = None) -> bytes:
+    """Call ``read(n)`` until it returns nothing; ImageTooLarge naming ``what`` as soon as more
+    than ``limit`` bytes have come (at most ``limit`` + 1 are read). ``first``: the size of the
+    first read (a file's size + 1 reads a whole file in one call). TimeoutError when
+    ``deadline`` (time.monotonic()) passes."""
     chunks, total, want = [], 0, first
     while total <= limit:
         if deadline is not None and time.monotonic() > deadline:
@@ -164,6 +163,8 @@ def read_at_most(read, limit: int, first: int = 1 << 20, deadline: float | None 
         chunks.append(chunk)
         total += len(chunk)
         want = 1 << 20
+    if total > limit:
+        raise ImageTooLarge(what, None, limit)
     return b"".join(chunks)
 
 
@@ -181,26 +182,7 @@ def _read_http(url: str, limit: int) -> bytes:
     except OSError as exc:
         raise DataError(f"cannot read the cached download of {url} ({target}): "
                         f"{exc.strerror or exc}") from None
-    request = urllib.request.Request(url, headers={"User-Agent": "visiontune"})
-    try:
-        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
-            declared = response.headers.get("Content-Length")
-            if declared and declared.isdigit() and int(declared) > limit:
-                raise ImageTooLarge(url, int(declared), limit)
-            data = read_at_most(response.read1, limit,
-                                 deadline=time.monotonic() + HTTP_DEADLINE_S)
-    except DataError:
-        raise
-    except urllib.error.HTTPError as exc:
-        raise DataError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
-    except TimeoutError:
-        raise DataError(f"cannot download {url}: timed out (each read may take "
-                        f"{HTTP_TIMEOUT_S:g} s, the whole download {HTTP_DEADLINE_S:g} s)") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise DataError(f"cannot download {url}: {reason}") from None
-    if len(data) > limit:
-        raise ImageTooLarge(url, None, limit)
+    data = download(url, limit)
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".part-")
     try:
@@ -211,6 +193,33 @@ def _read_http(url: str, limit: int) -> bytes:
         Path(tmp).unlink(missing_ok=True)
         raise
     return data
+
+
+def download(url: str, limit: int, *, timeout: float | None = None,
+             deadline_s: float | None = None) -> bytes:
+    """An http(s) URL's bytes, in memory: each network operation times out after ``timeout``
+    seconds (default HTTP_TIMEOUT_S) and the whole download after ``deadline_s`` (default
+    HTTP_DEADLINE_S), so that a server sending a trickle cannot stall it; ImageTooLarge over
+    ``limit`` bytes, declared or read; DataError for anything else."""
+    timeout = HTTP_TIMEOUT_S if timeout is None else timeout
+    deadline_s = HTTP_DEADLINE_S if deadline_s is None else deadline_s
+    request = urllib.request.Request(url, headers={"User-Agent": "visiontune"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            declared = response.headers.get("Content-Length")
+            if declared and declared.isdigit() and int(declared) > limit:
+                raise ImageTooLarge(url, int(declared), limit)
+            return read_at_most(response.read1, limit, url, deadline=time.monotonic() + deadline_s)
+    except DataError:
+        raise
+    except urllib.error.HTTPError as exc:
+        raise DataError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
+    except TimeoutError:
+        raise DataError(f"cannot download {url}: timed out (each read may take "
+                        f"{timeout:g} s, the whole download {deadline_s:g} s)") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise DataError(f"cannot download {url}: {reason}") from None
 
 
 def _read_azureml(uri: str, limit: int) -> bytes:
@@ -225,12 +234,11 @@ def _read_azureml(uri: str, limit: int) -> bytes:
         ) from None
     try:
         with fsspec.open(uri, "rb") as handle:
-            data = read_at_most(handle.read, limit)
+            return read_at_most(handle.read, limit, uri)
+    except DataError:
+        raise
     except Exception as exc:  # the filesystem raises many kinds; the message is what counts
         raise DataError(f"cannot read {uri}: {exc}") from None
-    if len(data) > limit:
-        raise ImageTooLarge(uri, None, limit)
-    return data
 
 
 def _open_sized(
