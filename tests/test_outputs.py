@@ -247,3 +247,12 @@ def test_export_onnx_checks_its_output_and_the_weights_first(capsys, corrupt_mod
     assert code == 2
     _one_error_line(capsys.readouterr().err, "--model", "cannot load the model")
     assert not (tmp_path / "onnx").exists()
+
+
+def test_the_staging_folder_of_a_run_still_writing_is_left_alone(tmp_path):
+    """Only staging folders whose process is gone are cleared: a second run checking the same
+    folder must not remove the one a live run is filling."""
+    live = tmp_path / f"{STAGING_PREFIX}{os.getpid()}-abc"
+    live.mkdir()
+    check_folder(tmp_path, "x")
+    assert live.is_dir()

@@ -79,10 +79,23 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def remove_stale_staging(folder: Path) -> None:
-    """Staging folders a killed run left behind."""
+    """Staging folders a killed run left behind (their names hold the process id that made
+    them; another live run's are left alone)."""
     if folder.is_dir():
         for entry in folder.glob(STAGING_PREFIX + "*"):
-            shutil.rmtree(entry, ignore_errors=True)
+            if not _process_alive(entry.name[len(STAGING_PREFIX):].split("-", 1)[0]):
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _process_alive(pid: str) -> bool:
+    """Whether process ``pid`` (a decimal string) runs on this host; False for anything else."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager
@@ -94,7 +107,7 @@ def staged(folder: Path, *, complete_marker: str, keep: Callable[[str], bool] = 
     there, when it was not)."""
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=folder))
     try:
         try:
             yield staging
@@ -198,13 +211,8 @@ class FolderLock:
             return True
         if record.get("host") != socket.gethostname():
             return False
-        try:
-            os.kill(int(record["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError):
-            return False
-        return False
+        pid = str(record["pid"])
+        return pid.isdigit() and not _process_alive(pid)
 
 
 MLFLOW_WRITER = "visiontune"  # the MLmodel metadata's ``written_by``
