@@ -178,9 +178,18 @@ def build_environment(spec_path: str | Path, cache_root: Path | None = None,
             f"the environment asks for python {python}; this test runs Python "
             f"{sys.version_info.major}.{sys.version_info.minor}, which the virtual environment "
             "would be built from")
+    return build_venv(environment_key(spec, spec_path.parent), requirements,
+                      f"environment section of {spec_path}:\n{yaml.safe_dump(spec['environment'])}",
+                      cache_root, timeout)
+
+
+def build_venv(key: str, requirements: list[str], description: str,
+               cache_root: Path | None = None, timeout: float = 3600) -> Path:
+    """A virtual environment holding ``requirements`` (pip arguments) and nothing else of this
+    machine's packages, built once under ``key`` and reused. Raises EnvironmentBuildFailed with
+    pip's output."""
     root = cache_root or env_cache_root()
     root.mkdir(parents=True, exist_ok=True)
-    key = environment_key(spec, spec_path.parent)
     venv = root / key
     if (venv / COMPLETE).is_file():
         return venv
@@ -191,7 +200,7 @@ def build_environment(spec_path: str | Path, cache_root: Path | None = None,
         shutil.rmtree(venv, ignore_errors=True)  # an interrupted build
         log_path = root / f"{key}.build.log"
         with log_path.open("w") as log:
-            log.write(f"environment section of {spec_path}:\n{yaml.safe_dump(spec['environment'])}\n")
+            log.write(f"{description}\n")
             log.flush()
             steps = [[sys.executable, "-m", "venv", str(venv)],
                      [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-input",
@@ -209,12 +218,12 @@ def build_environment(spec_path: str | Path, cache_root: Path | None = None,
                     log.close()
                     tail = log_path.read_text(errors="replace")[-6000:]
                     raise EnvironmentBuildFailed(
-                        f"building the environment of {spec_path.name} failed ({code}) at "
+                        f"building the environment {key} failed ({code}) at "
                         f"`{' '.join(step[:4])} ...`; full log {log_path}; its end:\n{tail}")
         freeze = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "freeze"],
                                 capture_output=True, text=True)
         (venv / "pip-freeze.txt").write_text(freeze.stdout)
-        (venv / "environment.yaml").write_text(yaml.safe_dump(spec["environment"]))
+        (venv / "environment.txt").write_text(description + "\n")
         (venv / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
     return venv
 

@@ -32,10 +32,14 @@ def demo_dir(tmp_path_factory) -> Path:
     return root
 
 
-def subset(split_dir: Path, out: Path, n: int, per_class: bool = False) -> Path:
+def subset(split_dir: Path, out: Path, n: int, per_class: bool = False,
+           labels: tuple[str, ...] | None = None) -> Path:
     """The first ``n`` rows of a demo split as a JSON Lines file with absolute image paths
-    (``per_class``: ``n`` rows of each class, for balanced tiny datasets)."""
+    (``per_class``: ``n`` rows of each class, for balanced tiny datasets; ``labels``: only
+    rows of these classes)."""
     rows = [json.loads(l) for l in (split_dir / "images.jsonl").read_text().splitlines() if l.strip()]
+    if labels is not None:
+        rows = [row for row in rows if row["label"] in labels]
     chosen, counts = [], {}
     for row in rows:
         key = json.dumps(row["label"])

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 import azure_job as AJ
 from conftest import subset
@@ -84,7 +85,9 @@ def test_the_command_components_share_one_environment_and_its_key_follows_the_se
     keys = {AJ.environment_key(s) for s in specs}
     assert len(keys) == 1
     python, requirements = AJ.environment_requirements(specs[0])
-    assert python == C.PYTHON and requirements == C.requirements()
+    assert python == C.PYTHON and requirements == C.requirements(C.ENVIRONMENT_EXTRAS)
+    assert any(r.startswith("deepspeed") for r in requirements)  # apply_deepspeed's
+    assert {"onnx", "onnxruntime", "onnxscript"} <= {r.split(">")[0] for r in requirements}
     changed = {**specs[0], "environment": {**specs[0]["environment"], "image": "other:latest"}}
     assert AJ.environment_key(changed) not in keys
 
@@ -383,6 +386,26 @@ def test_finetune_job_multilabel(environment, imported, data, tmp_path):
     assert meta["model_metadata"]["finetuning_task"] == ML and meta["multilabel_threshold"] == 0.4
     assert (result.outputs["output_dir_mlflow"] / "MLmodel").is_file()
     assert "iou" in json.dumps(json.loads((out / "eval_results.json").read_text()))
+
+
+@pytest.mark.slow
+@JOB_TIMEOUT
+def test_finetune_job_with_deepspeed_and_onnx_runtime(environment, imported, data, tmp_path):
+    """apply_deepspeed and apply_ort in the component's own environment: DeepSpeed trains (its
+    engine's checkpoints are in the output), and the ONNX export is validated and served."""
+    train, val, _ = data[MC]
+    result = _ok(AJ.run_command_job(
+        FINETUNE, {"model_path": imported, "training_data": train, "validation_data": val,
+                   "task_name": MC, "number_of_workers": 0, "apply_deepspeed": True,
+                   "apply_ort": True, **QUICK},
+        environment=environment, work_dir=tmp_path / "job", extra_env=JOB_ENV))
+    out = result.outputs["output_dir_pytorch"]
+    args = json.loads((out / "finetune_args.json").read_text())
+    assert args["values"]["apply_deepspeed"] is True
+    assert list(out.glob("checkpoint-*/global_step*"))  # DeepSpeed's own checkpoint layout
+    assert (out / "onnx" / "model.onnx").is_file() and (out / "onnx" / "eval_results.json").is_file()
+    mlmodel = yaml.safe_load((result.outputs["output_dir_mlflow"] / "MLmodel").read_text())
+    assert mlmodel["metadata"]["inference_backend"] == "onnxruntime"
 
 
 @pytest.mark.slow

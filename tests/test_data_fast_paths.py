@@ -85,23 +85,50 @@ def test_verification_still_finds_truncated_jpegs(photo, tmp_path, keep):
         load_image(str(path))  # the plain path agrees
 
 
+def _outcomes(path) -> list[str]:
+    """What the fast check and the full decode say of one file."""
+    outcomes = []
+    for check in (verify_image, load_image):
+        try:
+            check(str(path))
+            outcomes.append("ok")
+        except DataError:
+            outcomes.append("error")
+    return outcomes
+
+
 def test_verification_agrees_with_full_decoding_on_damaged_files(photo, tmp_path):
     data = bytearray(jpeg(photo))
     rng = np.random.default_rng(0)
+    refused = []
     for case in range(6):
         damaged = bytearray(data)
         start = int(rng.integers(len(data) // 4, len(data) - 64))
         damaged[start:start + 32] = rng.integers(0, 256, 32, dtype=np.uint8).tobytes()
         path = tmp_path / f"damaged{case}.jpg"
         path.write_bytes(bytes(damaged))
-        outcomes = []
-        for check in (verify_image, load_image):
-            try:
-                check(str(path))
-                outcomes.append("ok")
-            except DataError:
-                outcomes.append("error")
+        outcomes = _outcomes(path)
         assert outcomes[0] == outcomes[1], case
+        refused += [case] if outcomes[0] == "error" else []
+    # libjpeg conceals much random damage; agreeing is not enough, some must be found
+    assert refused, "no damaged file was refused"
+
+
+def test_verification_refuses_the_damage_the_decoder_reports(photo, tmp_path):
+    """Damage libjpeg stops on, at known places: both checks refuse each file."""
+    data = jpeg(photo)
+    middle = len(data) // 2
+    huffman = data.find(b"\xff\xc4")  # the first Huffman table's code counts follow its header
+    cases = {
+        "frame marker inside the image data": data[:middle] + b"\xff\xc0" + data[middle + 2:],
+        "Huffman table marker inside the image data":
+            data[:middle] + b"\xff\xc4\x00\x03\x00" + data[middle + 5:],
+        "Huffman code counts emptied": data[:huffman + 5] + b"\0" * 16 + data[huffman + 21:],
+    }
+    for name, damaged in cases.items():
+        path = tmp_path / "damaged.jpg"
+        path.write_bytes(damaged)
+        assert _outcomes(path) == ["error", "error"], name
 
 
 def test_channels_last_tensor_feeds_the_same_values(photo):

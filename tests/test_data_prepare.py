@@ -172,6 +172,26 @@ def test_skip_bad_rows_keeps_going_and_counts(tmp_path, caplog):
     assert "skipped 3 of 13 rows" in caplog.text
 
 
+def test_test_data_bad_rows_follow_the_training_rules(tmp_path):
+    """Evaluation's labelled data: bad rows and unreadable images stop with file and line, or
+    are skipped and counted; none is lost silently."""
+    from visiontune.data.prepare import prepare_test_data
+
+    root = make_dataset(tmp_path / "test", ["a", "b"] * 3, extra_rows=[
+        "{broken", {"image_url": "images/missing.png", "label": "a"}])
+    (root / "images" / "cut.png").write_bytes((root / "images" / "0.png").read_bytes()[:40])
+    with open(root / "train.jsonl", "a") as f:
+        f.write(json.dumps({"image_url": "images/cut.png", "label": "b"}) + "\n")
+    with pytest.raises(DataError) as info:
+        prepare_test_data(root, task=MC, classes=["a", "b"])
+    message = str(info.value)
+    assert "3 bad row(s) of 9" in message
+    assert "train.jsonl:7: malformed JSON" in message and "train.jsonl:8: image not found" in message
+    assert "train.jsonl:9:" in message
+    good, skipped = prepare_test_data(root, task=MC, classes=["a", "b"], skip_bad_rows=True)
+    assert (len(good), skipped) == (6, 3)
+
+
 def test_dataset_level_problems_always_stop(tmp_path):
     with pytest.raises(DataError, match="only the class 'a'"):
         prepare_data(make_dataset(tmp_path / "one", ["a"] * 5), task=MC, skip_bad_rows=True)

@@ -11,7 +11,7 @@ from PIL import Image
 from visiontune.data.labels import normalize_label, parse_text_label
 from visiontune.data.mltable import read_mltable
 from visiontune.data.sources import Problem, Record, load_records
-from visiontune.errors import DataError
+from visiontune.errors import DataError, UserError
 
 MC, ML = "image-classification", "image-classification-multilabel"
 
@@ -160,6 +160,43 @@ def test_direct_jsonl_and_every_image_reference_form(tmp_path):
     assert "unsupported URI scheme 's3://'" in problems[0].message
 
 
+AZURE_JOB = {"AZUREML_ARM_SUBSCRIPTION": "sub-1", "AZUREML_ARM_RESOURCEGROUP": "rg-1",
+             "AZUREML_ARM_WORKSPACE_NAME": "ws-1"}
+
+
+def test_datastore_references_become_the_job_workspaces_azureml_uris(tmp_path, monkeypatch):
+    """Azure's data labeling exports: AmlDatastore://<datastore>/<path>, as text or as a
+    stream_info object; inside a job they name the job's workspace."""
+    for name, value in AZURE_JOB.items():
+        monkeypatch.setenv(name, value)
+    rows = [
+        {"image_url": "AmlDatastore://workspaceblobstore/UI/2026/a b.jpg", "label": "text"},
+        {"image_url": {"resourceIdentifier": "AmlDatastore://workspaceblobstore/UI/2026/c.png",
+                       "arguments": {"datastoreName": "workspaceblobstore"}}, "label": "object"},
+        {"image_url": {"resourceIdentifier": "azureml://subscriptions/s/workspaces/w/datastores/d/paths/x.jpg"},
+         "label": "aml-object"},
+        {"image_url": "AmlDatastore://workspaceblobstore", "label": "no-path"},
+        {"image_url": {"arguments": {}}, "label": "object-without-uri"},
+    ]
+    records, problems = load_records(write_jsonl(tmp_path / "a.jsonl", rows), MC)
+    workspace = "azureml://subscriptions/sub-1/resourcegroups/rg-1/workspaces/ws-1/datastores/workspaceblobstore/paths"
+    assert [r.image for r in records] == [f"{workspace}/UI/2026/a b.jpg", f"{workspace}/UI/2026/c.png",
+                                          rows[2]["image_url"]["resourceIdentifier"]]
+    assert [p.where.rsplit(":", 1)[1] for p in problems] == ["4", "5"]
+    assert "expected AmlDatastore://<datastore>/<path>" in problems[0].message
+
+
+def test_a_datastore_reference_outside_a_job_is_one_line_saying_what_to_use(tmp_path, monkeypatch):
+    for name in AZURE_JOB:
+        monkeypatch.delenv(name, raising=False)
+    path = write_jsonl(tmp_path / "a.jsonl", [{"image_url": "AmlDatastore://store/x.jpg", "label": "a"}])
+    with pytest.raises(DataError) as err:
+        load_records(path, MC)
+    message = str(err.value)
+    assert "\n" not in message and "AZUREML_ARM_SUBSCRIPTION" in message
+    assert "azureml://subscriptions/<id>/resourcegroups/<group>/workspaces/" in message
+
+
 def test_direct_csv_multiclass_and_multilabel(tmp_path):
     png(tmp_path / "x.png")
     csv_file = tmp_path / "a.csv"
@@ -289,7 +326,7 @@ def test_unusable_sources(tmp_path):
     empty.mkdir()
     with pytest.raises(DataError, match="no MLTable file and no class subfolders"):
         load_records(empty, MC)
-    with pytest.raises(DataError, match="unknown task"):
+    with pytest.raises(UserError, match="unknown task"):
         load_records(tmp_path, "detection")
 
 

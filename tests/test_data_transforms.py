@@ -3,6 +3,8 @@
 import logging
 import pickle
 
+import numpy as np
+
 import pytest
 import torch
 from transformers import (
@@ -70,12 +72,15 @@ def test_transforms_pickle_for_dataloader_workers():
 def test_preprocessing_round_trip_and_checks():
     data = PRE.to_dict()
     assert data == {"height": 32, "width": 24, "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.1],
-                    "interpolation": "bilinear", "resize": "resize", "channel_order": "RGB"}
+                    "interpolation": "bilinear", "resize": "resize", "channel_order": "RGB",
+                    "resampler": "torchvision"}
     assert Preprocessing.from_dict({**data, "future_key": 1}) == PRE
     with pytest.raises(ValueError):
         Preprocessing(height=0, width=5)
     with pytest.raises(ValueError):
         Preprocessing(height=5, width=5, interpolation="lanczos")
+    with pytest.raises(ValueError):
+        Preprocessing(height=5, width=5, resampler="opencv")
 
 
 def test_describe_augmentations():
@@ -126,7 +131,7 @@ def test_timm_wrapper_processor():
     pre = resolve_preprocessing(processor)
     assert (pre.height, pre.width) == (240, 260)
     assert pre.mean == (0.5, 0.5, 0.5) and pre.std == (0.25, 0.25, 0.25)
-    assert pre.interpolation == "bilinear"
+    assert pre.interpolation == "bicubic"  # the interpolation the base model was trained with
 
 
 def test_explicit_size_wins_only_when_both_are_given():
@@ -259,3 +264,49 @@ def test_seeded_training_items_do_not_depend_on_order_or_the_random_state(tmp_pa
     assert not torch.equal(dataset[0]["pixel_values"], forward[0])
     dataset.set_epoch(0)
     assert torch.equal(dataset[0]["pixel_values"], forward[0])
+
+
+def test_pillow_resampler_rounds_as_pillow_and_caches_apart():
+    """timm models are scored by transformers through Pillow, whose rounding differs from
+    torchvision's: their evaluation transform resizes with Pillow too, cached apart."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    from visiontune.data.cache import plan_for
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)).resize((180, 256))
+    base = Preprocessing(height=64, width=96, mean=(0, 0, 0), std=(1, 1, 1), interpolation="bicubic")
+    pillow = Preprocessing(**{**base.to_dict(), "resampler": "pillow"})
+    want = torch.from_numpy(np.asarray(image.resize((96, 64), Image.BICUBIC))).permute(2, 0, 1) / 255
+    tensor = F.pil_to_tensor(image)
+    assert float((eval_transform(pillow)(tensor) - want).abs().max()) < 1e-6
+    assert float((eval_transform(base)(tensor) - want).abs().max()) > 0.5 / 255  # a level apart
+    assert plan_for(eval_transform(pillow)).folder_name() != plan_for(eval_transform(base)).folder_name()
+
+
+# -- uint8 batches normalised on the device ---------------------------------------------------
+@pytest.mark.parametrize("augment", [False, True])
+@pytest.mark.parametrize("order", ["RGB", "BGR"])
+def test_uint8_batches_normalised_on_the_device_equal_the_per_image_transform(augment, order):
+    """A GPU run's loader stops at uint8 and DeviceNormalize finishes the batch: the values
+    are the per-image float transform's, to the bit, in either channel order."""
+    from visiontune.data.transforms import DeviceNormalize
+
+    pre = Preprocessing(height=32, width=24, mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.1),
+                        channel_order=order)
+    images = [image(50 + 7 * i, 70 - 5 * i, seed=i) for i in range(4)]
+    full, short = train_transform(pre, augment), train_transform(pre, augment, on_device=True)
+    expected, sent = [], []
+    for i, img in enumerate(images):
+        torch.manual_seed(i)
+        expected.append(full(img))
+        torch.manual_seed(i)
+        sent.append(short(img))
+    assert all(s.dtype == torch.uint8 for s in sent)  # a quarter of the bytes to copy
+    batch = torch.stack(sent)
+    got = DeviceNormalize(pre)(batch)
+    assert got.dtype == torch.float32 and torch.equal(got, torch.stack(expected))
+    assert torch.equal(DeviceNormalize(pre)(got), got)  # a float batch passes unchanged
+    steps = describe_augmentations(pre, augment, on_device=True)["eval"]
+    assert [s.get("on") for s in steps if s["name"] == "Normalize"] == ["device"]

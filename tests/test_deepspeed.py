@@ -90,3 +90,37 @@ def test_without_a_launcher_deepspeed_runs_as_one_process(tiny_vit, datasets, tm
     assert "note: deepspeed: built-in configuration (ZeRO stage 2" in outputs[0]
     assert (out / "model.safetensors").is_file() and (out / "eval_results.json").is_file()
     assert "mpi4py" not in outputs[0]
+
+
+@pytest.mark.slow
+def test_zero3_bf16_batch_norm_model_gets_its_new_head_and_float32_weights(datasets, tmp_path):
+    """A CNN with batch norm under ZeRO-3 with precision 16 as bf16: it trains (DeepSpeed's bf16
+    section would stop it: bf16 weights against float32 statistics), the head is initialised
+    anew exactly as without DeepSpeed (zero.Init made that a no-op on empty partitions), and the
+    saved weights are float32. Learning rate 0 keeps the weights as initialised."""
+    import torch
+    from safetensors.torch import load_file
+    from tiny_models import save_tiny_model
+    from transformers import set_seed
+
+    from visiontune.models.loading import load_for_finetune
+
+    model = save_tiny_model("resnet", tmp_path / "resnet", num_labels=3, image_size=32)
+    out, config = tmp_path / "out", tmp_path / "z3.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    cmd = [sys.executable, "-m", "visiontune", "finetune",
+           *cli_args(model, datasets[MULTICLASS], MULTICLASS, out, 8, number_of_epochs=1, max_steps=2,
+                     learning_rate=0, random_seed=7, precision=16, apply_deepspeed=True,
+                     deepspeed_config=config)]
+    codes, outputs, _ = run_together([(cmd, clean_env(VISIONTUNE_CPU_BF16=1))], timeout=400)
+    assert codes == [0], why(outputs)
+    assert "note: deepspeed: precision 16 runs as bf16 autocast (torch_autocast)" in outputs[0]
+    saved = load_file(out / "model.safetensors")
+    assert {v.dtype for v in saved.values() if v.is_floating_point()} == {torch.float32}
+    classes = ["0", "1", "7"]
+    set_seed(7)
+    expected = load_for_finetune(model, classes, MULTICLASS).state_dict()
+    checkpoint = load_file(model / "model.safetensors")
+    head = [k for k in saved if k.startswith("classifier") and k.endswith("weight")]
+    assert head and all(torch.equal(saved[k], expected[k]) for k in head)
+    assert not any(torch.equal(saved[k], checkpoint[k]) for k in head)  # not the old head

@@ -39,10 +39,7 @@ LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_A
 def make_datasets(demo_dir: Path, root: Path) -> dict:
     """48 training rows (3 steps of 16), 21 validation rows, for each task."""
     def digits(split, out, n):
-        rows = [json.loads(l) for l in subset(demo_dir / "digits" / split, root / f"all_{split}.jsonl",
-                                              n, per_class=True).read_text().splitlines()]
-        out.write_text("".join(json.dumps(r) + "\n" for r in rows if r["label"] in ("0", "1", "7")))
-        return out
+        return subset(demo_dir / "digits" / split, out, n, per_class=True, labels=("0", "1", "7"))
 
     return {
         MULTICLASS: (digits("train", root / "mc_train.jsonl", 16),
@@ -158,6 +155,17 @@ def assert_same_training(one: Path, two: Path, data, task) -> None:
     assert not list(two.glob(".visiontune*")), "the shared-folder check leaves nothing behind"
 
 
+def torchrun_two_processes(model, data, task, out, **over) -> list[str]:
+    """``visiontune finetune`` under torchrun with 2 processes of batch 8; their output, once
+    both succeeded."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           "-m", "visiontune", "finetune", *cli_args(model, data, task, out, 8, **over)]
+    codes, outputs, _ = run_together([(cmd, clean_env())])
+    assert codes == [0], why(outputs)
+    return outputs
+
+
 def assert_one_log(output: str) -> None:
     assert output.count("effective inputs") == 1, output[-3000:]
     assert output.count("validation metrics of the best model") == 1, output[-3000:]
@@ -173,6 +181,21 @@ def test_gradient_accumulation_matches_one_larger_batch(tiny_vit, datasets, one_
              "gradient_accumulation_step": 2, **RUN}
     finetune(resolve(FINETUNE_INPUTS, given))
     assert_same_training(one_process[task], out, datasets[task], task)
+
+
+def test_the_node_decodes_the_images_into_the_cache_once(tiny_vit, datasets, tmp_path):
+    """Two processes of one node, an empty decoded-image cache: the first fills it, the other
+    waits and reads it (it would say so if it had decoded any image itself)."""
+    task, cache = MULTICLASS, tmp_path / "cache"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "visiontune", "finetune",
+           *cli_args(tiny_vit, datasets[task], task, tmp_path / "out", 8, number_of_epochs=1)]
+    codes, outputs, _ = run_together([(cmd, clean_env(VISIONTUNE_IMAGE_CACHE_DIR=cache))])
+    assert codes == [0], why(outputs)
+    images = sum(len(Path(p).read_text().splitlines()) for p in datasets[task][:2])
+    assert len([p for p in cache.rglob("*") if p.is_file()]) >= images  # it was filled
+    assert "should have cached" not in outputs[0], outputs[0][-3000:]
+    assert_one_log(outputs[0])
 
 
 @pytest.mark.parametrize("task", [MULTICLASS, MULTILABEL])
@@ -323,12 +346,7 @@ def test_torchrun_bf16_cnn_with_the_fast_depthwise_backward(datasets, tmp_path):
 
     model = save_tiny_model("timm", tmp_path / "cnn", num_labels=3, image_size=32)
     out, task = tmp_path / "bf16", MULTICLASS
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-           "-m", "visiontune", "finetune",
-           *cli_args(model, datasets[task], task, out, 8, precision=16)]
-    codes, outputs, _ = run_together([(cmd, clean_env())])
-    assert codes == [0], why(outputs)
+    outputs = torchrun_two_processes(model, datasets[task], task, out, precision=16)
     assert_one_log(outputs[0])
     losses = [row["loss"] for row in history(out) if "loss" in row]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)  # 2 epochs of 3 steps
@@ -377,3 +395,49 @@ def test_torchrun_resumed_in_the_middle_of_an_epoch_ends_like_the_uninterrupted_
     steps_logged = [h["step"] for h in history(stopped) if "loss" in h and "eval_loss" not in h]
     assert steps_logged == sorted(set(steps_logged)) == [h["step"] for h in history(whole)
                                                          if "loss" in h and "eval_loss" not in h]
+
+
+def save_tiny_dinov2(path: Path) -> Path:
+    """A tiny DINOv2 classifier: its ``mask_token`` (masked-image pretraining only) gets no
+    gradient from the classification loss."""
+    from transformers import Dinov2Config, Dinov2ForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    labels = ["0", "1", "7"]
+    config = Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, mlp_ratio=2, id2label=dict(enumerate(labels)),
+                          label2id={c: i for i, c in enumerate(labels)})
+    Dinov2ForImageClassification(config).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
+
+
+def test_the_weights_without_a_gradient_are_found_without_side_effects(tmp_path):
+    from tiny_models import build_tiny_model
+    from transformers import AutoModelForImageClassification
+
+    from visiontune.training.trainer import unused_parameters
+
+    model = AutoModelForImageClassification.from_pretrained(save_tiny_dinov2(tmp_path / "d")).eval()
+    assert unused_parameters(model, 32, 32) == ["dinov2.embeddings.mask_token"]
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    resnet, _ = build_tiny_model("resnet")  # batch norm: its running statistics stay as they were
+    before = {n: b.clone() for n, b in resnet.named_buffers()}
+    state = torch.random.get_rng_state()
+    assert unused_parameters(resnet, 32, 32) == []
+    assert all(torch.equal(before[n], b) for n, b in resnet.named_buffers())
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_torchrun_trains_a_model_with_weights_that_get_no_gradient(datasets, tmp_path):
+    """DINOv2 under DDP: without looking for unused weights, the second step fails with
+    "Expected to have finished reduction"; the run says it looks for them."""
+    model = save_tiny_dinov2(tmp_path / "dinov2")
+    out, task = tmp_path / "out", MULTICLASS
+    outputs = torchrun_two_processes(model, datasets[task], task, out, number_of_epochs=1)
+    assert outputs[0].count("note: DDP looks for weights without a gradient at every step: "
+                            "dinov2.embeddings.mask_token") == 1
+    steps = [h["step"] for h in history(out) if "loss" in h and "eval_loss" not in h]
+    assert steps == [1, 2, 3]
+    notes = json.loads((out / "finetune_args.json").read_text())["notes"]
+    assert any("mask_token" in n for n in notes)

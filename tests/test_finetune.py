@@ -27,15 +27,10 @@ FAST = {"number_of_epochs": 2, "training_batch_size": 8, "validation_batch_size"
 def digits(demo_dir, tmp_path_factory):
     """Three digit classes, 16 training and 8 validation images each."""
     root = tmp_path_factory.mktemp("digits3")
-    train = subset(demo_dir / "digits" / "train", root / "all_train.jsonl", 16, per_class=True)
-    val = subset(demo_dir / "digits" / "validation", root / "all_val.jsonl", 8, per_class=True)
-
-    def keep(path, out):
-        rows = [json.loads(l) for l in path.read_text().splitlines()]
-        out.write_text("".join(json.dumps(r) + "\n" for r in rows if r["label"] in ("0", "1", "7")))
-        return out
-
-    return keep(train, root / "train.jsonl"), keep(val, root / "val.jsonl")
+    return (subset(demo_dir / "digits" / "train", root / "train.jsonl", 16, per_class=True,
+                   labels=("0", "1", "7")),
+            subset(demo_dir / "digits" / "validation", root / "val.jsonl", 8, per_class=True,
+                   labels=("0", "1", "7")))
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +121,41 @@ def test_same_seed_same_metrics(tiny_vit, digits, tmp_path):
     a = run(tiny_vit, digits, tmp_path / "a", number_of_epochs=1)
     b = run(tiny_vit, digits, tmp_path / "b", number_of_epochs=1)
     assert a.metrics["loss"] == b.metrics["loss"] and a.metrics["accuracy"] == b.metrics["accuracy"]
+
+
+def test_normalising_uint8_batches_on_the_device_trains_the_same_model(tiny_vit, digits, tmp_path,
+                                                                       monkeypatch):
+    """The GPU's loader path (uint8 batches, normalised by the trainer after the copy), run on
+    the CPU: the same weights and metrics as the per-image float path."""
+    from safetensors.torch import load_file
+
+    import visiontune.training.finetune as ft
+
+    plain = run(tiny_vit, digits, tmp_path / "plain", number_of_epochs=1, apply_augmentations=True)
+    planned = ft.plan_training
+    seen = []
+
+    def on_device(*args, **kwargs):
+        plan = planned(*args, **kwargs)
+        plan.normalise_on_device = True
+        return plan
+
+    def batch_dtype(self, inputs):
+        seen.append(inputs["pixel_values"].dtype)
+        return original(self, inputs)
+
+    from visiontune.training.trainer import VisionTrainer
+
+    original = VisionTrainer._prepare_inputs
+    monkeypatch.setattr(ft, "plan_training", on_device)
+    monkeypatch.setattr(VisionTrainer, "_prepare_inputs", batch_dtype)
+    device = run(tiny_vit, digits, tmp_path / "device", number_of_epochs=1, apply_augmentations=True)
+    assert seen and set(seen) == {torch.uint8}  # training and evaluation batches alike
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "device" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert plain.metrics["loss"] == device.metrics["loss"]
+    steps = json.loads((tmp_path / "device" / "augmentations.json").read_text())["train"]
+    assert steps[-1] == {"name": "Normalize", "mean": steps[-1]["mean"], "std": steps[-1]["std"], "on": "device"}
 
 
 def test_resume_equals_an_uninterrupted_run(tiny_vit, digits, tmp_path):

@@ -12,6 +12,7 @@ from sklearn.metrics import (
 )
 
 from visiontune import inputs
+from visiontune.errors import UserError
 from visiontune.metrics import (
     MULTILABEL_ONLY, PRIMARY_METRIC, compute_metrics, greater_is_better, probabilities, sigmoid,
     softmax, tune_thresholds,
@@ -88,7 +89,7 @@ def test_multiclass_rejects_bad_labels():
         compute_metrics(logits, np.array([0, 1]), MC)
     with pytest.raises(ValueError):
         compute_metrics(logits, np.array([0, 1, 1]), MC, class_names=["a"])
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="task_name: unknown task"):
         compute_metrics(logits, np.array([0, 1, 1]), "segmentation")
 
 

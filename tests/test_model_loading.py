@@ -155,3 +155,38 @@ def test_16_bit_weights_reload_as_float32_for_training_and_scoring(kind, tmp_pat
     assert logits.dtype == np.float32 and np.allclose(logits, reference, atol=0.1)
     trained = load_for_finetune(folder, ["a", "b", "c"], "image-classification")
     assert {p.dtype for p in trained.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("size", [(32, 48), (48, 32), (64, 64)])
+def test_a_vit_trained_at_another_size_is_saved_native_at_that_size(tiny, tmp_path, size):
+    """The stored position embeddings are the ones the forward interpolated at every training
+    step: the saved model gives the same logits at that size without interpolate_pos_encoding
+    (transformers' pipeline, ONNX), and visiontune runs it as is."""
+    from transformers import AutoModelForImageClassification
+
+    from visiontune.models.loading import accept_any_image_size, native_image_size
+
+    folder = tmp_path / "vit"
+    shutil.copytree(tiny["vit"], folder)
+    pixels = torch.randn(2, 3, *size)
+    before = AutoModelForImageClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = before(pixels, interpolate_pos_encoding=True).logits
+    assert native_image_size(folder, *size)
+    after = AutoModelForImageClassification.from_pretrained(folder).eval()
+    assert list(after.config.image_size) == list(size)
+    with torch.no_grad():
+        torch.testing.assert_close(after(pixels).logits, expected, rtol=1e-5, atol=1e-5)
+        again = accept_any_image_size(after, size)  # no interpolation flag at its own size
+        torch.testing.assert_close(again(pixels).logits, expected, rtol=1e-5, atol=1e-5)
+    assert not native_image_size(folder, *size)  # already native: left alone
+
+
+def test_models_without_position_embeddings_are_left_alone(tiny, tmp_path):
+    from visiontune.models.loading import native_image_size
+
+    folder = tmp_path / "convnext"
+    shutil.copytree(tiny["convnext"], folder)
+    weights = (folder / "model.safetensors").read_bytes()
+    assert not native_image_size(folder, 32, 48)
+    assert (folder / "model.safetensors").read_bytes() == weights

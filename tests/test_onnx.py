@@ -16,9 +16,9 @@ from tiny_models import random_images, save_tiny_model  # noqa: E402
 from visiontune.cli import main  # noqa: E402
 from visiontune.errors import UserError  # noqa: E402
 from visiontune.inference import MULTICLASS, MULTILABEL, Classifier  # noqa: E402
-from visiontune.models.importer import write_model_metadata  # noqa: E402
+from visiontune.model_folder import write_metadata  # noqa: E402
 from visiontune.onnx_export import (  # noqa: E402
-    EXAMPLE_BATCH, METADATA_FILE, ONNX_FILE, OnnxClassifier, export_onnx,
+    EXAMPLE_BATCH, EXPORT_METADATA_FILE, ONNX_FILE, OnnxClassifier, export_onnx,
 )
 
 PREPROCESSING = {"height": 32, "width": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
@@ -30,7 +30,7 @@ THRESHOLDS = {MULTICLASS: None, MULTILABEL: [0.3, 0.5, 0.7]}
 def finetuned(kind: str, task: str, path):
     """A tiny model folder that looks like the output of visiontune finetune."""
     save_tiny_model(kind, path, num_labels=len(LABELS), image_size=32, labels=LABELS)
-    write_model_metadata(path, {
+    write_metadata(path, {
         "model_metadata": {"finetuning_task": task, "id2label": dict(enumerate(LABELS)),
                            "is_finetuned_model": True},
         "preprocessing": PREPROCESSING,
@@ -79,7 +79,7 @@ def test_metadata_and_graph(exported):
     import onnx
 
     _, onnx_dir = exported("convnext", MULTILABEL)
-    meta = json.loads((onnx_dir / METADATA_FILE).read_text())
+    meta = json.loads((onnx_dir / EXPORT_METADATA_FILE).read_text())
     assert meta["classes"] == LABELS and meta["task"] == MULTILABEL
     assert meta["multilabel_threshold"] == THRESHOLDS[MULTILABEL]
     assert {k: meta["preprocessing"][k] for k in PREPROCESSING} == PREPROCESSING
@@ -97,7 +97,7 @@ def test_metadata_and_graph(exported):
     assert [d.dim_value for d in dims[1:]] == [3, 32, 32]
     assert inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
-    multiclass = json.loads((exported("vit", MULTICLASS)[1] / METADATA_FILE).read_text())
+    multiclass = json.loads((exported("vit", MULTICLASS)[1] / EXPORT_METADATA_FILE).read_text())
     assert multiclass["task"] == MULTICLASS and multiclass["multilabel_threshold"] is None
 
 
@@ -113,7 +113,7 @@ def test_cli_exports_an_mlflow_model(exported, tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stderr
-    assert (out / ONNX_FILE).is_file() and (out / METADATA_FILE).is_file()
+    assert (out / ONNX_FILE).is_file() and (out / EXPORT_METADATA_FILE).is_file()
     images = random_images(3, seed=2)
     np.testing.assert_allclose(OnnxClassifier(out).probabilities(images),
                                Classifier(model, device="cpu").probabilities(images), atol=1e-5)

@@ -30,10 +30,40 @@ def test_pipeline_runs_import_finetune_and_evaluation(tiny_vit, small, tmp_path,
     assert "[1/4] validating data" in printed and "evaluation report:" in printed
     assert (out / "model.safetensors").is_file() and (out / "mlflow_model" / "MLmodel").is_file()
     metrics = json.loads((out / "evaluation" / "metrics.json").read_text())
-    assert "accuracy" in json.dumps(metrics)
     # The evaluation ran on the 30 test images, not on the validation data.
-    rows = (out / "evaluation" / "predictions.jsonl").read_text().splitlines()
-    assert len(rows) == 30
+    rows = [json.loads(l) for l in (out / "evaluation" / "predictions.jsonl").read_text().splitlines()]
+    test_rows = [json.loads(l) for l in small[2].read_text().splitlines()]
+    assert [(r["image"], r["label"]) for r in rows] == [(t["image_url"], t["label"]) for t in test_rows]
+    assert metrics["number_of_images"] == 30
+    _assert_report_is_the_model_s_on_the_test_data(out, rows, metrics)
+
+
+def _assert_report_is_the_model_s_on_the_test_data(model_dir, rows, metrics):
+    """The report's probabilities are the fine-tuned model's own on each test image, and its
+    numbers are scikit-learn's on those predictions."""
+    import numpy as np
+    from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+    from visiontune.data.images import load_image
+    from visiontune.inference import Classifier
+
+    classifier = Classifier(model_dir)  # on the device the evaluation chose
+    classes = classifier.classes
+    probs = np.array([[r["probs"][c] for c in classes] for r in rows])
+    direct = classifier.probabilities([load_image(r["image"]) for r in rows])
+    np.testing.assert_allclose(probs, direct, atol=1e-5)
+    y_true = [r["label"] for r in rows]
+    y_pred = [classes[i] for i in probs.argmax(axis=1)]
+    assert [r["predicted_label"] for r in rows] == y_pred
+    macro = {"labels": classes, "average": "macro", "zero_division": 0}
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-12)
+    assert metrics["f1_score_macro"] == pytest.approx(f1_score(y_true, y_pred, **macro), abs=1e-12)
+    assert metrics["precision_score_macro"] == pytest.approx(
+        precision_score(y_true, y_pred, **macro), abs=1e-12)
+    assert metrics["recall_score_macro"] == pytest.approx(recall_score(y_true, y_pred, **macro), abs=1e-12)
+    per_class = {row["class"]: row for row in metrics["per_class"]}
+    assert sorted(per_class) == sorted(classes)
+    assert [per_class[c]["support"] for c in classes] == [y_true.count(c) for c in classes]
 
 
 def test_bad_data_fails_before_the_model_is_imported(small, tmp_path, monkeypatch, capsys):
@@ -73,7 +103,9 @@ def test_without_validation_data_evaluates_the_held_out_split(tiny_vit, small, t
     assert main(["pipeline", "--pytorch_model", str(tiny_vit), "--training_data", str(small[0]),
                  "--task_name", MC, "--output_dir_pytorch", str(out),
                  "--save_as_mlflow_model", "false", *FAST]) == 0
-    split = (out / "validation_split.jsonl").read_text().splitlines()
+    split = [json.loads(l) for l in (out / "validation_split.jsonl").read_text().splitlines()]
     assert len(split) == 12  # 20 % of 60, stratified: every class held out
-    rows = (out / "evaluation" / "predictions.jsonl").read_text().splitlines()
-    assert len(rows) == len(split)
+    rows = [json.loads(l) for l in (out / "evaluation" / "predictions.jsonl").read_text().splitlines()]
+    assert sorted((r["image"], r["label"]) for r in rows) == sorted((s["image_url"], s["label"]) for s in split)
+    _assert_report_is_the_model_s_on_the_test_data(
+        out, rows, json.loads((out / "evaluation" / "metrics.json").read_text()))

@@ -153,7 +153,7 @@ def test_rows_without_an_image_are_error_rows(digits_model, images, tmp_path):
 
 
 def test_multilabel_uses_stored_per_class_thresholds(tmp_path, images):
-    from visiontune.models.importer import write_model_metadata
+    from visiontune.model_folder import write_metadata
 
     root, paths = images
     model = make_model(tmp_path / "ml", MULTILABEL)
@@ -163,7 +163,7 @@ def test_multilabel_uses_stored_per_class_thresholds(tmp_path, images):
     thresholds = [float(np.median(probs[:, c])) for c in range(len(CLASSES))]
     meta_path = model / "model_selector_args.json"
     meta = json.loads(meta_path.read_text())
-    write_model_metadata(model, {**meta, "multilabel_threshold": thresholds})
+    write_metadata(model, {**meta, "multilabel_threshold": thresholds})
 
     assert predict(model=model, data=root, output=tmp_path / "p.jsonl") == 0
     rows = read_jsonl(tmp_path / "p.jsonl")

@@ -17,7 +17,7 @@ Exit codes (errors.py, cli.py): a UserError (DataError included) prints
 ``visiontune <command>: error: ...`` and exits 2; argparse usage errors print one
 ``visiontune: error: ...`` line and exit 2. ``data check`` exits 1, with its report on stdout
 and no error line, when the data can be read but is not usable (bad rows, no rows, one class),
-and 2 when the source itself cannot be read (README, *data check and demo-data*).
+and 2 when the source itself cannot be read (docs/commands.md, *data check and demo-data*).
 """
 
 from __future__ import annotations
@@ -76,10 +76,10 @@ class Shared:
 
 def _finetuned_like(path: Path, task: str) -> Path:
     from tiny_models import save_tiny_model
-    from visiontune.models.importer import write_model_metadata
+    from visiontune.model_folder import write_metadata
 
     save_tiny_model("vit", path, image_size=32, labels=DIGITS)
-    write_model_metadata(path, {
+    write_metadata(path, {
         "model_metadata": {"finetuning_task": task, "is_finetuned_model": True,
                            "id2label": {str(i): c for i, c in enumerate(DIGITS)}},
         "preprocessing": PREPROCESSING, "multilabel_threshold": 0.5 if task == MULTILABEL else None,
@@ -1213,7 +1213,8 @@ BAD_REQUESTS: list[tuple[str, bytes, str | None, str, str]] = [
     ("cell-data-url-not-base64", _split(["data:text/plain,hello"]), JSON, "POST", "/invocations"),
     ("cell-data-url-of-text", _split(["data:image/png;base64," + _b64(b"hello")]), JSON, "POST",
      "/invocations"),
-    ("cell-http-url", _split(["http://127.0.0.1:9/cat.png"]), JSON, "POST", "/invocations"),
+    # refused unfetched (allow_urls is off); .invalid never resolves, should it ever be fetched
+    ("cell-http-url", _split(["http://images.invalid/cat.png"]), JSON, "POST", "/invocations"),
     ("cell-local-path", _split(["/etc/hostname"]), JSON, "POST", "/invocations"),
     ("cell-file-uri", _split(["file:///etc/hostname"]), JSON, "POST", "/invocations"),
     ("cell-81-megapixels-in-a-tiny-png", _split([_b64(PNG_81MP)]), JSON, "POST", "/invocations"),

@@ -31,7 +31,7 @@ from visiontune.inference import (
     DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS_PER_REQUEST, MULTICLASS, MULTILABEL, Classifier,
     PayloadError, decode_payload_image, payload_bytes,
 )
-from visiontune.models.importer import write_model_metadata
+from visiontune.model_folder import write_metadata
 from visiontune.serving.mlflow_model import ImageClassifierModel, ServingConfig, save_mlflow_model
 
 LABELS = ["cat", "dog", "fox"]
@@ -43,7 +43,7 @@ READY_TIMEOUT_S = 180  # a hang detector, not a speed check
 
 def finetuned(kind, task, path, threshold=None):
     save_tiny_model(kind, path, num_labels=len(LABELS), image_size=32, labels=LABELS)
-    write_model_metadata(path, {
+    write_metadata(path, {
         "model_metadata": {"finetuning_task": task, "id2label": dict(enumerate(LABELS)),
                            "is_finetuned_model": True},
         "preprocessing": PREPROCESSING, "multilabel_threshold": threshold,
@@ -83,13 +83,15 @@ def png_81_megapixels():
 
 
 class Server:
-    def __init__(self, model_dir: Path, log: Path, env_extra=None):
+    """``mlflow models serve`` of ``python``'s environment (this one by default)."""
+
+    def __init__(self, model_dir: Path, log: Path, env_extra=None, python: str = sys.executable):
         self.port = free_port()
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
         env.update(env_extra or {})
         self.log = log
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir),
+            [python, "-m", "mlflow", "models", "serve", "-m", str(model_dir),
              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(self.port)],
             stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )

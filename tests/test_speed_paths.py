@@ -33,6 +33,18 @@ def test_cnns_go_channels_last_and_vits_stay(kind):
     assert patch.is_contiguous()  # untouched
 
 
+def test_a_strided_1x1_convolution_of_few_channels_keeps_the_model_nchw():
+    """oneDNN's channels-last backward of such a convolution crashes on AVX-512 CPUs."""
+    import transformers as T
+
+    narrow = T.ResNetForImageClassification(T.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=3))
+    convs = [m.weight for m in prefer_channels_last(narrow).modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous() for w in convs)
+    wide, _ = build_tiny_model("resnet")  # 16 channels and more
+    assert _is_channels_last(prefer_channels_last(wide))
+
+
 @pytest.mark.parametrize("kind", ["resnet", "timm"])
 def test_channels_last_fused_training_steps_match_the_plain_path(kind):
     """Three AdamW steps: NCHW + the per-tensor loop against channels-last + the fused kernel.

@@ -227,11 +227,16 @@ def test_deepspeed_precision_follows_the_precision_input(tmp_path):
     gpu_fp16 = planned(tmp_path, precision="16")[2].training_args | {"bf16": False, "fp16": True}
     _, notes = ds.merge(user, gpu_fp16, 1)
     assert notes == ["deepspeed_config: fp16.enabled false replaced by true (precision 16)",
-                     "deepspeed_config: bf16.enabled true replaced by false (precision 16 runs as fp16)"]
+                     "deepspeed_config: bf16.enabled true replaced by false (precision 16 runs as fp16)",
+                     "deepspeed: precision 16 runs as DeepSpeed's fp16 (its loss scaling): weights and "
+                     "buffers, batch norm's included, in fp16"]
     cpu = ds_args(tmp_path, precision="16")  # bf16 on the CPU
     config, notes = ds.merge({"fp16": {"enabled": True}}, cpu, 1)
-    assert notes == ["deepspeed_config: fp16.enabled true replaced by false (precision 16 runs as bf16)"]
-    assert config["bf16"] == {"enabled": "auto"}
+    assert notes == ["deepspeed_config: fp16.enabled true replaced by false (precision 16 runs as bf16)",
+                     "deepspeed: precision 16 runs as bf16 autocast (torch_autocast): the weights, "
+                     "batch norm's included, stay float32"]
+    assert config["bf16"] == config["fp16"] == {"enabled": False}
+    assert config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     emulated = ds_args(tmp_path, precision="16", cpu=CpuKind("AVX2", native_bf16=False))
     assert not emulated["bf16"] and not emulated.get("fp16")  # float32 there (hardware.py)
 
@@ -276,3 +281,27 @@ def test_missing_deepspeed_package_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(UserError) as info:
         planned(tmp_path, apply_deepspeed="true")
     assert str(info.value) == 'apply_deepspeed needs the deepspeed package: pip install "visiontune[deepspeed]"'
+
+
+@pytest.mark.parametrize("user", [None, {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}])
+def test_deepspeed_bf16_keeps_float32_weights_through_torch_autocast(tmp_path, user):
+    """Precision 16 as bf16 under DeepSpeed: its engine autocasts and the Trainer's bf16 is off
+    (DeepSpeed's bf16 section would cast batch norm's weights but not its statistics)."""
+    from visiontune.training.deepspeed import autocast_16bit
+
+    args = ds_args(tmp_path, precision="16")
+    config, _ = ds.merge(user, args, 1)
+    assert autocast_16bit(config) and config["bf16"]["enabled"] is False
+    assert not autocast_16bit(ds.merge(user, ds_args(tmp_path), 1)[0])  # precision 32
+    config, notes = ds.merge({"zero_optimization": {"stage": 2}, "torch_autocast": {"enabled": True}},
+                             ds_args(tmp_path), 1)
+    assert config["torch_autocast"]["enabled"] is False
+    assert "torch_autocast.enabled true replaced by false (precision 32)" in notes[0]
+
+
+def test_deepspeed_fp16_casts_the_buffers_with_the_weights(tmp_path):
+    gpu_fp16 = planned(tmp_path, precision="16")[2].training_args | {"bf16": False, "fp16": True}
+    config, _ = ds.merge(None, gpu_fp16, 1)
+    assert config["data_types"] == {"buffer_dtype": "fp16"} and "torch_autocast" not in config
+    config, _ = ds.merge({"data_types": {"buffer_dtype": "fp32"}}, gpu_fp16, 1)
+    assert config["data_types"] == {"buffer_dtype": "fp32"}  # the file's own choice

@@ -48,7 +48,8 @@ def build_tiny_model(kind: str, num_labels: int = 3, image_size: int = 32, label
             from transformers import ResNetConfig, ResNetForImageClassification
 
             config = ResNetConfig(
-                embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", **maps,
+                # 16 channels: the smallest width real ResNets' channels-last path runs at
+                embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", **maps,
             )
             model = ResNetForImageClassification(config)
         # ResNet checkpoints on the hub use the ConvNeXt processor too.

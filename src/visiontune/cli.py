@@ -7,14 +7,13 @@ checked values. Errors a user can fix print as one line and exit with code 2.
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from typing import Any, Callable, Iterable
 
 from visiontune import __version__
 from visiontune import inputs as I
-from visiontune import cpu_only, malloc
+from visiontune import console, malloc
+from visiontune.api import prepare_process
 from visiontune.errors import UserError
 
 
@@ -128,37 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries() -> None:
-    """Weight loading/saving bars from transformers are noise; the training bars stay."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return
-    hf_logging.disable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> int:
     # One log in distributed runs: the other ranks only say when something is wrong.
     from visiontune.training.distributed import is_main_process
 
-    logging.basicConfig(
-        level=os.environ.get("VISIONTUNE_LOG_LEVEL", "INFO") if is_main_process() else "WARNING",
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-    )
+    console.setup(is_main_process())  # before any library logs or warns
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries()
     malloc.tune()  # before the first tensor: training and prediction allocate large ones
     given = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("command", "subcommand", "config")}
     try:
         config = I.read_config_file(getattr(args, "config", None))
         values = I.resolve(args._specs, given, config)
-        if "max_image_mb" in values:
-            from visiontune.data.images import set_max_file_bytes
-
-            set_max_file_bytes(values["max_image_mb"] << 20)
+        prepare_process(values, loads_torch=args._name not in WITHOUT_TORCH)
         if args._name not in WITHOUT_TORCH:
-            cpu_only.skip_triton()  # before torchvision and transformers import torch._dynamo
+            console.route_transformers()
         return int(args._handler(values) or 0)
     except UserError as exc:
         print(f"visiontune {args._name}: error: {exc}", file=sys.stderr)

@@ -157,18 +157,31 @@ def command_line(component: Component) -> str:
     return " ".join(parts)
 
 
-def requirements() -> list[str]:
-    """The package's runtime dependencies: pyproject.toml in a source checkout, else the
-    installed distribution's metadata."""
+# What every input of the components needs besides the runtime: apply_ort the ONNX stack,
+# apply_deepspeed DeepSpeed (pure Python at install; it compiles its ops when first used).
+ENVIRONMENT_EXTRAS = ("onnx", "deepspeed")
+
+
+def requirements(extras: tuple[str, ...] = ()) -> list[str]:
+    """The package's runtime dependencies and those of ``extras``: pyproject.toml in a source
+    checkout, else the installed distribution's metadata."""
     pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     if pyproject.is_file():
         import tomllib
 
         with pyproject.open("rb") as f:
-            return list(tomllib.load(f)["project"]["dependencies"])
+            project = tomllib.load(f)["project"]
+        return [*project["dependencies"],
+                *(r for extra in extras for r in project["optional-dependencies"][extra])]
+    import re
     from importlib.metadata import requires
 
-    return [r for r in requires("visiontune") or [] if "extra ==" not in r]
+    def extra_of(requirement: str) -> str | None:
+        found = re.search(r"extra\s*==\s*['\"]([\w-]+)['\"]", requirement)
+        return found.group(1) if found else None
+
+    return [r.split(";")[0].strip() if extra_of(r) else r for r in requires("visiontune") or []
+            if extra_of(r) in (None, *extras)]
 
 
 def environment() -> dict[str, Any]:
@@ -177,7 +190,7 @@ def environment() -> dict[str, Any]:
         "conda_file": {
             "name": "visiontune",
             "channels": ["conda-forge"],
-            "dependencies": [f"python={PYTHON}", "pip", {"pip": requirements()}],
+            "dependencies": [f"python={PYTHON}", "pip", {"pip": requirements(ENVIRONMENT_EXTRAS)}],
         },
     }
 

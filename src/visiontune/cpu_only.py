@@ -32,11 +32,11 @@ def _has_accelerator() -> bool:
 def skip_triton() -> bool:
     """Mark triton absent for this process when it has no GPU and triton is not loaded yet.
     True when it was marked (now or earlier)."""
-    from visiontune.inputs import env_flag
+    from visiontune import settings
 
     if "triton" in sys.modules:  # loaded already, or marked by an earlier call
         return sys.modules["triton"] is None
-    if not env_flag(ENV_SWITCH, True) or _has_accelerator():
+    if not settings.flag(ENV_SWITCH) or _has_accelerator():
         return False
     sys.modules["triton"] = None
     log.debug("no GPU: triton left unloaded")

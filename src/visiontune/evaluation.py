@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 
 from visiontune.errors import DataError, UserError
-from visiontune.inference import METADATA_FILE, MULTILABEL, Classifier, check_threshold
+from visiontune.inference import Classifier, check_threshold
 from visiontune.outputs import check_folder
 from visiontune.prediction import open_model, predicted, score_images
+from visiontune.tasks import MULTILABEL
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,24 @@ def check_report_folder(path: str | Path, input_name: str) -> Path:
 
 
 def run_evaluate(values: dict[str, Any]) -> int:
+    """``visiontune evaluate``: the report, and its summary printed."""
+    show_report(*evaluate(values), values["output_dir"])
+    return 0
+
+
+def show_report(report: dict[str, Any], classifier: Classifier, out) -> None:
+    """Print an evaluation's summary: the tuned threshold (when tuned), the metrics, the
+    per-class table and where the report is."""
+    tuning = report.get("threshold_tuning")
+    if tuning:
+        print(f"tuned multilabel_threshold ({tuning['mode']}, maximising {tuning['metric']} on "
+              f"{tuning['tuning_data']}): {_threshold_text(classifier)}; stored in {tuning['stored_in']}")
+    _print_summary(report, classifier, out)
+
+
+def evaluate(values: dict[str, Any]) -> tuple[dict[str, Any], Classifier]:
+    """Score ``test_data`` with the model and write the report into ``output_dir``; returns
+    the report (as saved in its metrics file) and the classifier that scored."""
     tune = values.get("tune_thresholds") or "none"
     if values.get("output_dir"):  # before the model and the data
         check_report_folder(values["output_dir"], "output_dir")
@@ -100,15 +119,12 @@ def run_evaluate(values: dict[str, Any]) -> int:
         stored = store_threshold(classifier, chosen)
         tuning = {"mode": tune, "metric": metric, "tuning_data": source,
                   "number_of_images": int(len(tuning_targets)), "stored_in": stored}
-        print(f"tuned multilabel_threshold ({tune}, maximising {metric} on {source}): "
-              f"{_threshold_text(classifier)}; stored in {stored}")
 
     report = write_report(Path(values["output_dir"]), classifier, test, logits, targets,
                           extra={"model": str(values["model"]),
                                  "test_data": str(values["test_data"]),
                                  "bad_rows_skipped": skipped, "threshold_tuning": tuning})
-    _print_summary(report, classifier, values["output_dir"])
-    return 0
+    return report, classifier
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,14 +167,13 @@ def _score(classifier: Classifier, records, batch_size: int, desc: str) -> np.nd
 def store_threshold(classifier: Classifier, threshold: float | np.ndarray) -> str:
     """Save the threshold(s) in the model's metadata (for an MLflow model folder, the copy
     inside ``artifacts/model``, which serving loads) and use them from now on."""
-    from visiontune.models.importer import write_model_metadata
+    from visiontune.model_folder import read_metadata, write_metadata
 
     value: float | list[float]
     value = ([float(t) for t in threshold] if np.ndim(threshold) else float(threshold))
-    path = classifier.model_dir / METADATA_FILE
-    meta = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    meta = read_metadata(classifier.model_dir)
     meta["multilabel_threshold"] = value
-    write_model_metadata(classifier.model_dir, meta)
+    path = write_metadata(classifier.model_dir, meta)
     classifier.threshold = check_threshold(value, len(classifier.classes))
     return str(path)
 

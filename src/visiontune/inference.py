@@ -6,15 +6,14 @@ validation data during training, so the three cannot drift apart.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-MULTILABEL = "image-classification-multilabel"
-MULTICLASS = "image-classification"
-METADATA_FILE = "model_selector_args.json"
+from visiontune.model_folder import read_metadata
+from visiontune.tasks import MULTICLASS, MULTILABEL, TASKS, task_of  # noqa: F401 (re-exported)
+
 MLMODEL_FILE = "MLmodel"
 MLFLOW_MODEL_SUBDIR = Path("artifacts") / "model"
 
@@ -148,25 +147,25 @@ class Classifier(ClassifierBase):
         from visiontune.data.transforms import Preprocessing, resolve_preprocessing
 
         folder = resolve_model_dir(model_dir)
-        meta_path = folder / METADATA_FILE
-        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+        meta = read_metadata(folder)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         from visiontune.models.loading import (
             accept_any_image_size, load_float32_classifier, prefer_channels_last,
         )
 
-        loaded = load_float32_classifier(folder, "--model")
-        self.model = accept_any_image_size(prefer_channels_last(loaded.to(self.device).eval()))
-        config = self.model.config
-        task = meta.get("model_metadata", {}).get("finetuning_task")
-        if task not in (MULTICLASS, MULTILABEL):
-            task = MULTILABEL if config.problem_type == "multi_label_classification" else MULTICLASS
         if meta.get("preprocessing"):
             preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         else:
             from transformers import AutoImageProcessor
 
             preprocessing = resolve_preprocessing(AutoImageProcessor.from_pretrained(str(folder)))
+        loaded = load_float32_classifier(folder, "--model")
+        self.model = accept_any_image_size(prefer_channels_last(loaded.to(self.device).eval()),
+                                           (preprocessing.height, preprocessing.width))
+        config = self.model.config
+        task = meta.get("model_metadata", {}).get("finetuning_task")
+        if task not in TASKS:
+            task = task_of(config.problem_type)
         super().__init__(folder, [config.id2label[i] for i in range(config.num_labels)], task,
                          preprocessing, meta.get("multilabel_threshold"))
 

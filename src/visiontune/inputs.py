@@ -12,15 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from visiontune.errors import UserError
 
-TASKS = ("image-classification", "image-classification-multilabel")
-MULTICLASS, MULTILABEL = TASKS
+from visiontune.tasks import MULTICLASS, MULTILABEL, TASKS  # noqa: F401 (the input table's choices)
+
 METRICS = (
     "loss", "f1_score_macro", "accuracy", "precision_score_macro", "recall_score_macro",
     "iou", "iou_macro", "iou_micro", "iou_weighted",
@@ -131,15 +130,6 @@ def parse_bool(raw: Any) -> bool:
     if text in ("false", "0", "no", "n", "off"):
         return False
     raise ValueError(raw)
-
-
-def env_flag(name: str, default: bool) -> bool:
-    """An on/off environment switch, read as ``parse_bool`` reads inputs; the default when it
-    is unset or not a boolean."""
-    try:
-        return parse_bool(os.environ.get(name, ""))
-    except ValueError:
-        return default
 
 
 def _parse_int(raw: Any) -> int:
@@ -465,7 +455,7 @@ FINETUNE_INPUTS: tuple[Input, ...] = (
           description=SPEC_TEXT["apply_deepspeed"], component_default=NO_DEFAULT),
     Input("deepspeed_config", "file", "DeepSpeed JSON config; the built-in one when empty.",
           description=SPEC_TEXT["deepspeed_config"]),
-    Input("apply_ort", "bool", "Use ONNX Runtime (see README: what it does in visiontune).",
+    Input("apply_ort", "bool", "Use ONNX Runtime (docs/onnx.md: what it does in visiontune).",
           default=False,
           description=SPEC_TEXT["apply_ort"], component_default=NO_DEFAULT),
     Input("number_of_epochs", "int", "Training epochs.", minimum=1, auto=True,
@@ -721,7 +711,7 @@ def as_json(values: dict[str, Any]) -> str:
 
 
 def default_text(spec: Input) -> str:
-    """How a default reads in --help, the README and the component specs."""
+    """How a default reads in --help, docs/inputs.md and the component specs."""
     if spec.required:
         return "required"
     if spec.auto:
@@ -734,7 +724,7 @@ def default_text(spec: Input) -> str:
 
 
 def markdown_table(inputs: Iterable[Input]) -> str:
-    """The README's table of inputs (a test keeps the README equal to it)."""
+    """The table of inputs in docs/inputs.md (a test keeps the page equal to it)."""
     lines = ["| input | type | default | allowed | meaning |", "|---|---|---|---|---|"]
     for spec in inputs:
         allowed = ", ".join(f"`{c}`" for c in spec.choices) if spec.choices else (
@@ -745,7 +735,7 @@ def markdown_table(inputs: Iterable[Input]) -> str:
 
 
 def readme_tables() -> str:
-    """The README's input tables, one per command."""
+    """The input tables of docs/inputs.md, one per command."""
     sections = (("import-model", IMPORT_INPUTS), ("finetune", FINETUNE_INPUTS),
                 ("pipeline (the inputs of import-model but output_dir, of finetune but model_path, and)",
                  PIPELINE_INPUTS[-2:]),
@@ -755,5 +745,5 @@ def readme_tables() -> str:
     return "\n\n".join(f"#### {title}\n\n{markdown_table(table)}" for title, table in sections)
 
 
-if __name__ == "__main__":  # python -m visiontune.inputs: print the README tables
+if __name__ == "__main__":  # python -m visiontune.inputs: print the tables of docs/inputs.md
     print(readme_tables())

@@ -62,9 +62,9 @@ def tune() -> bool:
     True when set."""
     global _tuned
     if _tuned is None:
-        from visiontune.inputs import env_flag
+        from visiontune import settings
 
-        libc = _glibc() if env_flag(ENV_SWITCH, True) else None
+        libc = _glibc() if settings.flag(ENV_SWITCH) else None
         _tuned = bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
                       and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
                       and libc.mallopt(_M_ARENA_MAX, ARENA_MAX))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from visiontune.inputs import MULTICLASS, MULTILABEL
+from visiontune.tasks import MULTICLASS, MULTILABEL, check_task
 
 PRIMARY_METRIC = {MULTICLASS: "accuracy", MULTILABEL: "iou"}
 MULTILABEL_ONLY = {"iou", "iou_macro", "iou_micro", "iou_weighted"}
@@ -221,5 +221,4 @@ def _multi_hot(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _check_task(task: str) -> None:
-    if task not in PRIMARY_METRIC:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(PRIMARY_METRIC)}")
+    check_task(task)

@@ -34,13 +34,14 @@ import numpy as np
 
 from visiontune import __version__
 from visiontune.errors import UserError
-from visiontune.inference import MULTILABEL, Classifier, ClassifierBase, model_folder
+from visiontune.inference import Classifier, ClassifierBase, model_folder
 from visiontune.outputs import check_folder
+from visiontune.tasks import MULTILABEL
 
 log = logging.getLogger(__name__)
 
 ONNX_FILE = "model.onnx"
-METADATA_FILE = "visiontune_onnx.json"
+EXPORT_METADATA_FILE = "visiontune_onnx.json"
 INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
 MIN_OPSET = 18  # the torch.export-based exporter's own operators
 EXAMPLE_BATCH = 2  # not 1: a batch of one invites the batch dimension to be specialised
@@ -126,8 +127,8 @@ def _check_with_ort(path: Path, module, height: int, width: int) -> float:
 
 def _earlier_export(folder: Path) -> bool:
     names = {p.name for p in folder.iterdir()}
-    return METADATA_FILE in names and all(
-        n in (METADATA_FILE, ONNX_FILE, ONNX_FILE + ".data") or n.startswith(".onnx-export-")
+    return EXPORT_METADATA_FILE in names and all(
+        n in (EXPORT_METADATA_FILE, ONNX_FILE, ONNX_FILE + ".data") or n.startswith(".onnx-export-")
         for n in names)
 
 
@@ -151,7 +152,7 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, opset: int = 18) 
     example = torch.randn(EXAMPLE_BATCH, 3, pre.height, pre.width,
                           generator=torch.Generator().manual_seed(0))
 
-    (output_dir / METADATA_FILE).unlink(missing_ok=True)  # the folder is incomplete until the end
+    (output_dir / EXPORT_METADATA_FILE).unlink(missing_ok=True)  # the folder is incomplete until the end
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".onnx-export-") as tmp:
         staged = Path(tmp) / ONNX_FILE
         try:
@@ -183,7 +184,7 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, opset: int = 18) 
             (output_dir / data.name).unlink(missing_ok=True)  # left by an earlier, larger export
 
     metadata = export_metadata(classifier, opset, source)
-    (output_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    (output_dir / EXPORT_METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
     return output_dir / ONNX_FILE
 
 
@@ -220,7 +221,7 @@ def export_metadata(classifier: Classifier, opset: int, source: Path) -> dict[st
 def run_export(values: dict[str, Any]) -> int:
     """``visiontune export-onnx``."""
     path = export_onnx(values["model"], values["output_dir"], values["opset"])
-    print(f"ONNX model written to {path} (metadata: {path.with_name(METADATA_FILE)})")
+    print(f"ONNX model written to {path} (metadata: {path.with_name(EXPORT_METADATA_FILE)})")
     return 0
 
 
@@ -228,7 +229,8 @@ def run_export(values: dict[str, Any]) -> int:
 # Scoring with ONNX Runtime
 # ---------------------------------------------------------------------------------------------
 class OnnxClassifier(ClassifierBase):
-    """An exported folder, run by ONNX Runtime on the CPU.
+    """An exported folder, run by ONNX Runtime: on the GPU when this onnxruntime has CUDA
+    (onnxruntime-gpu) and the machine has one, else on the CPU (``hardware.onnx_providers``).
 
     Only loading and ``logits`` differ: preprocessing (``tensors`` with the saved eval
     transform), probabilities and the scoring schema are the PyTorch classifier's own code, so
@@ -242,14 +244,17 @@ class OnnxClassifier(ClassifierBase):
 
         path = Path(onnx_dir)
         folder = path.parent if path.suffix == ".onnx" else path
-        meta_path = folder / METADATA_FILE
+        meta_path = folder / EXPORT_METADATA_FILE
         if not meta_path.is_file():
-            raise UserError(f"{folder} is not an ONNX export of visiontune (no {METADATA_FILE})")
+            raise UserError(f"{folder} is not an ONNX export of visiontune (no {EXPORT_METADATA_FILE})")
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         super().__init__(folder, list(meta["classes"]), meta["task"],
                          Preprocessing.from_dict(meta["preprocessing"]), meta.get("multilabel_threshold"))
+        from visiontune.hardware import gpu_kind, onnx_providers
+
         self.session = ort.InferenceSession(str(folder / meta.get("model_file", ONNX_FILE)),
-                                            providers=["CPUExecutionProvider"])
+                                            providers=onnx_providers(ort.get_available_providers(),
+                                                                     gpu_kind()))
 
     def batch_logits(self, batch) -> np.ndarray:
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
@@ -258,18 +263,16 @@ class OnnxClassifier(ClassifierBase):
 def open_onnx_classifier(onnx_dir: str | Path, model_dir: str | Path | None = None) -> OnnxClassifier:
     """ONNX Runtime scoring of an export; the multi-label threshold stays the model folder's
     (``model_dir``), which ``visiontune evaluate --tune_thresholds`` updates in place."""
-    from visiontune.inference import METADATA_FILE as MODEL_METADATA_FILE, check_threshold
+    from visiontune.inference import check_threshold
+    from visiontune.model_folder import read_metadata
 
     classifier = OnnxClassifier(onnx_dir)
     if not model_dir:
         return classifier
     classifier.model_dir = Path(model_dir)  # where evaluate writes tuned thresholds back
-    meta_path = classifier.model_dir / MODEL_METADATA_FILE
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if "multilabel_threshold" in meta:
-            classifier.threshold = check_threshold(meta["multilabel_threshold"],
-                                                   len(classifier.classes))
+    meta = read_metadata(classifier.model_dir)
+    if "multilabel_threshold" in meta:
+        classifier.threshold = check_threshold(meta["multilabel_threshold"], len(classifier.classes))
     return classifier
 
 
@@ -279,7 +282,7 @@ def find_export(model: str | Path) -> Path | None:
     ``artifacts/onnx`` in an MLflow model folder written with it."""
     path = Path(str(model)).expanduser()
     for candidate in (path / ONNX_SUBDIR, path / "artifacts" / ONNX_SUBDIR):
-        if (candidate / METADATA_FILE).is_file():
+        if (candidate / EXPORT_METADATA_FILE).is_file():
             return candidate
     return None
 

@@ -31,6 +31,27 @@ STAGING_PREFIX = ".visiontune-staging-"
 LOCK_FILE = ".visiontune.lock"
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a file whole or not at all: readers see the old file or the new one, never a part
+    (written beside it under a unique name, then renamed over it)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(path: str | Path, data, **dumps) -> Path:
+    """``write_text_atomic`` of ``data`` as indented JSON."""
+    return write_text_atomic(path, json.dumps(data, indent=2, default=str, **dumps) + "\n")
+
+
 def check_folder(path: str | Path, input_name: str, *, replaceable: Callable[[Path], bool] | None = None,
                  create: bool = True) -> Path:
     """``path`` as a folder this run may write: not a file, creatable and writable, and either

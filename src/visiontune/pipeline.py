@@ -38,7 +38,7 @@ def run_pipeline(values: dict[str, Any]) -> int:
 
 def _run_pipeline(values: dict[str, Any]) -> int:
     from visiontune.data.prepare import prepare_data, prepare_test_data
-    from visiontune.evaluation import run_evaluate
+    from visiontune.evaluation import evaluate, show_report
     from visiontune.models.importer import import_model
     from visiontune.training.finetune import VALIDATION_SPLIT_FILE, check_finetune_inputs, finetune
 
@@ -81,15 +81,29 @@ def _run_pipeline(values: dict[str, Any]) -> int:
     test_data = values["test_data"] or values["validation_data"] or str(out / VALIDATION_SPLIT_FILE)
     if distributed.is_main_process():
         print(f"[4/4] evaluating on {test_data}", flush=True)
-        run_evaluate(I.resolve(I.EVALUATE_INPUTS, {
+        report, classifier = evaluate(I.resolve(I.EVALUATE_INPUTS, {
             "model": str(result.output_dir_pytorch), "test_data": test_data,
             "output_dir": str(evaluation_dir), "image_column": values["image_column"],
             "label_column": values["label_column"], "skip_bad_rows": values["skip_bad_rows"],
             "batch_size": values["validation_batch_size"] or 32,
         }))
+        show_report(report, classifier, evaluation_dir)
+        if values["test_data"]:
+            _add_test_metrics(result, report)
         print(f"pytorch model: {result.output_dir_pytorch}")
         if result.output_dir_mlflow:
             print(f"mlflow model: {result.output_dir_mlflow}")
         print(f"evaluation report: {evaluation_dir}")
     distributed.wait_for_main_process("evaluating")
     return 0
+
+
+def _add_test_metrics(result, report: dict[str, Any]) -> None:
+    """The test metrics into the model card of the PyTorch folder, and of the MLflow model
+    when it has one."""
+    from visiontune.model_card import CARD_FILE, write_model_card
+
+    write_model_card(result.output_dir_pytorch, test=report)
+    mlflow_dir = result.output_dir_mlflow
+    if mlflow_dir and (Path(mlflow_dir) / CARD_FILE).is_file():
+        write_model_card(mlflow_dir, model_dir=result.output_dir_pytorch, mlflow_model=True)

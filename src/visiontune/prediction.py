@@ -24,8 +24,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from visiontune.errors import DataError, UserError
-from visiontune.inference import MULTILABEL, Classifier, ClassifierBase, model_folder
+from visiontune.inference import Classifier, ClassifierBase, model_folder
 from visiontune.outputs import check_file_target
+from visiontune.tasks import MULTILABEL
 
 log = logging.getLogger(__name__)
 
@@ -304,8 +305,32 @@ def output_format(path: str | Path) -> str:
 
 
 def run_predict(values: dict[str, Any]) -> int:
-    """Predict every image of ``--data`` into ``--output``. Exit code 0 when at least one image
-    was predicted, 1 when none could be read."""
+    """``visiontune predict``. Exit code 0 when at least one image was predicted, 1 when none
+    could be read."""
+    result = predict(values)
+    print(f"predicted {result.predicted} of {result.images} image(s) into {result.output}")
+    if result.errors:
+        shown = list(result.errors.values())[:ERRORS_SHOWN]
+        more = len(result.errors) - len(shown)
+        print(f"{len(result.errors)} image(s) could not be read (rows with an 'error' field): "
+              + "; ".join(shown) + (f"; ... and {more} more" if more else ""))
+    return 0 if result.predicted else 1
+
+
+@dataclass(frozen=True)
+class PredictionResult:
+    """Where the predictions are, how many images were predicted, and the error of each image
+    that could not be (by its row number, from 0)."""
+
+    output: Path
+    images: int
+    predicted: int
+    errors: dict[int, str]
+
+
+def predict(values: dict[str, Any]) -> PredictionResult:
+    """Predict every image of ``data`` into ``output`` (a row for each, with an ``error`` field
+    where an image could not be read)."""
     fmt = output_format(values["output"])
     output = check_file_target(values["output"], "output")  # before the model and the images
     classifier = open_model(values["model"], values.get("runtime") or "auto")
@@ -327,15 +352,8 @@ def run_predict(values: dict[str, Any]) -> int:
     for i, item in enumerate(items):
         rows.append((item.image, None if i in errors else probs[i], errors.get(i)))
     write_predictions(output, fmt, classifier, rows)
-
-    done = len(items) - len(errors)
-    print(f"predicted {done} of {len(items)} image(s) into {output}")
-    if errors:
-        shown = [errors[i] for i in sorted(errors)][:ERRORS_SHOWN]
-        more = len(errors) - len(shown)
-        print(f"{len(errors)} image(s) could not be read (rows with an 'error' field): "
-              + "; ".join(shown) + (f"; ... and {more} more" if more else ""))
-    return 0 if done else 1
+    return PredictionResult(Path(output), len(items), len(items) - len(errors),
+                            {i: errors[i] for i in sorted(errors)})
 
 
 def write_predictions(

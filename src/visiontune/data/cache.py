@@ -44,7 +44,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from visiontune.inputs import env_flag
+from visiontune import settings
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,6 @@ ENV_SWITCH = "VISIONTUNE_IMAGE_CACHE"
 ENV_DIR = "VISIONTUNE_IMAGE_CACHE_DIR"
 ENV_MAX_GB = "VISIONTUNE_IMAGE_CACHE_MAX_GB"
 ENV_DRAFT = "VISIONTUNE_JPEG_DRAFT"
-DEFAULT_ENABLED = True
-DEFAULT_DRAFT = True
-DEFAULT_MAX_GB = 20.0
 FORMAT = 2  # bump when what an entry holds, or how it is keyed, changes
 # Shorter side kept for random crops, relative to the larger output side. Twice the output
 # size keeps crops down to a quarter of the image side at full output detail; smaller crops
@@ -67,26 +64,22 @@ _INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
 
 def cache_enabled() -> bool:
-    return env_flag(ENV_SWITCH, DEFAULT_ENABLED)
+    return settings.flag(ENV_SWITCH)
 
 
 def draft_enabled() -> bool:
-    return env_flag(ENV_DRAFT, DEFAULT_DRAFT)
+    return settings.flag(ENV_DRAFT)
 
 
 def cache_root() -> Path:
-    configured = os.environ.get(ENV_DIR)
+    configured = settings.text(ENV_DIR)
     if configured:
         return Path(configured).expanduser()
     return Path.home() / ".cache" / "visiontune" / "decoded"
 
 
 def max_bytes() -> int:
-    try:
-        gigabytes = float(os.environ.get(ENV_MAX_GB, DEFAULT_MAX_GB))
-    except ValueError:
-        gigabytes = DEFAULT_MAX_GB
-    return max(0, int(gigabytes * (1 << 30)))
+    return max(0, int(settings.number(ENV_MAX_GB) * (1 << 30)))
 
 
 @dataclass(frozen=True)
@@ -113,6 +106,8 @@ def plan_for(transform: Any) -> CachePlan | None:
     transform does not start with a (random-resized-crop or plain) resize to a fixed size."""
     from torchvision.transforms import v2
 
+    from visiontune.data.transforms import PillowResize
+
     steps = getattr(transform, "transforms", None)
     if not steps:
         return None
@@ -128,6 +123,8 @@ def plan_for(transform: Any) -> CachePlan | None:
         if getattr(first, "max_size", None) is not None or not first.antialias:
             return None
         return CachePlan("exact", (height, width), interpolation)
+    if type(first) is PillowResize:  # its own entries: Pillow rounds apart from torchvision
+        return CachePlan("exact", (height, width), f"{interpolation}-pillow")
     if type(first) is v2.RandomResizedCrop:
         side = int(math.ceil(SHRINK_MARGIN * max(height, width)))
         return CachePlan("shrink", (side, side), interpolation)
@@ -310,7 +307,7 @@ class DecodedImageCache:
         if stats["over_limit"]:
             log.warning("image cache: %d image(s) not cached: %s is at its size limit (%s=%s GB) "
                         "or the disk is nearly full; they are decoded at each use", stats["over_limit"],
-                        self.folder, ENV_MAX_GB, os.environ.get(ENV_MAX_GB, DEFAULT_MAX_GB))
+                        self.folder, ENV_MAX_GB, settings.number(ENV_MAX_GB))
         return stats, present
 
     def size_bytes(self) -> int:

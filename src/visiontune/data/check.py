@@ -8,7 +8,7 @@ from pathlib import Path
 from visiontune.data.labels import build_classes, check_task
 from visiontune.data.prepare import apply_verification, check_images, in_file_order, size_range
 from visiontune.data.sources import load_records
-from visiontune.inputs import MULTICLASS
+from visiontune.tasks import MULTICLASS
 
 LISTED = 50  # bad rows and classes listed in full up to this many
 

@@ -4,6 +4,7 @@ the label."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -15,7 +16,7 @@ from visiontune.data.images import hwc_tensor, load_image
 from visiontune.data.labels import check_task, encode_label
 from visiontune.data.sources import Record
 from visiontune.errors import DataError
-from visiontune.inputs import MULTICLASS
+from visiontune.tasks import MULTICLASS
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ class ImageDataset(torch.utils.data.Dataset):
                  stats["cached"], stats["added"],
                  "".join(f", {n} {k.replace('_', ' ')}" for k, n in stats.items()
                          if k not in ("cached", "added") and n))
+        if stats["added"] and os.environ.get("LOCAL_RANK", "0") != "0":
+            log.warning("image cache: this process decoded %d image(s) that the node's first "
+                        "process should have cached before it", stats["added"])
         return [str(present[r.image]) if r.image in present else None for r in self.records]
 
     def pixels(self, index: int) -> torch.Tensor:

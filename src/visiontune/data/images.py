@@ -65,7 +65,9 @@ def refuse_bombs() -> None:
 
 def cache_dir() -> Path:
     """Where downloaded images are kept: $VISIONTUNE_CACHE_DIR or ~/.cache/visiontune/images."""
-    configured = os.environ.get("VISIONTUNE_CACHE_DIR")
+    from visiontune import settings
+
+    configured = settings.text("VISIONTUNE_CACHE_DIR")
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "visiontune" / "images"
 
 

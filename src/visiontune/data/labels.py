@@ -19,17 +19,11 @@ from typing import Any, Iterable
 import numpy as np
 
 from visiontune.errors import DataError
-from visiontune.inputs import MULTICLASS, MULTILABEL, TASKS
+from visiontune.tasks import MULTICLASS, MULTILABEL, check_task
 
 Label = str | tuple[str, ...]
 
 _INTEGER = re.compile(r"[+-]?\d+")
-
-
-def check_task(task: str) -> str:
-    if task not in TASKS:
-        raise DataError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    return task
 
 
 def _one_label(value: Any) -> str:

@@ -201,7 +201,7 @@ def prepare_test_data(
     image_column: str = "image_url",
     label_column: str = "label",
     skip_bad_rows: bool = False,
-    name: str = "test data",
+    name: str = "test",
 ) -> tuple[list[Record], int]:
     """Labelled data for evaluation against a model's ``classes``: (usable Records, bad rows
     skipped). Bad rows follow training's rules; a label the model does not know is an error

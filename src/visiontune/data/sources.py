@@ -7,7 +7,9 @@ tree ``root/<class>/<image>`` (multi-class; images may sit in subfolders of a cl
 Image references: a path relative to the MLTable folder (or to the annotation file's folder
 when the file is given directly), an absolute path, a ``file://`` URI, an ``http(s)://`` URL
 or an ``azureml://`` URI. Local references become absolute paths; URLs are kept as given and
-fetched later (``images.py``).
+fetched later (``images.py``). An ``AmlDatastore://<datastore>/<path>`` reference (Azure's data
+labeling exports, as text or as a stream_info object with a ``resourceIdentifier``) names a
+datastore of the workspace the job runs in: it becomes that workspace's ``azureml://`` URI.
 
 A bad row never disappears: it becomes a Problem with its file and 1-based line, and the caller
 decides whether to stop or skip (``prepare.py``). Only a source that cannot be read at all
@@ -31,7 +33,7 @@ from visiontune.data.mltable import (
     DELIMITED_SUFFIXES, JSON_LINES_SUFFIXES, MLTABLE_FILE, TableSpec, local_path, read_mltable,
 )
 from visiontune.errors import DataError
-from visiontune.inputs import MULTICLASS
+from visiontune.tasks import MULTICLASS
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ IMAGE_SUFFIXES = frozenset({
     ".ppm", ".pgm", ".pbm", ".pnm",
 })
 REMOTE_SCHEMES = ("http", "https", "azureml")
+# What Azure ML sets in a job: the workspace an AmlDatastore:// reference belongs to.
+WORKSPACE_VARS = ("AZUREML_ARM_SUBSCRIPTION", "AZUREML_ARM_RESOURCEGROUP", "AZUREML_ARM_WORKSPACE_NAME")
 
 
 @dataclass(frozen=True)
@@ -107,18 +111,40 @@ def source_path(source: str | Path) -> Path:
         raise DataError(str(exc)) from None
 
 
+def datastore_uri(reference: str) -> str:
+    """``AmlDatastore://<datastore>/<path>`` as the ``azureml://`` URI of the job's workspace;
+    a DataError (the whole source, not one row) outside an Azure ML job."""
+    rest = reference.split("://", 1)[1].lstrip("/")
+    datastore, _, path = rest.partition("/")
+    if not datastore or not path:
+        raise ValueError(f"image {reference!r}: expected AmlDatastore://<datastore>/<path>")
+    workspace = [os.environ.get(name, "").strip() for name in WORKSPACE_VARS]
+    if not all(workspace):
+        raise DataError(
+            f"image {reference!r}: an AmlDatastore:// reference names a datastore of the Azure ML "
+            f"workspace a job runs in, and {', '.join(WORKSPACE_VARS)} are not all set here; "
+            "outside a job use azureml://subscriptions/<id>/resourcegroups/<group>/workspaces/"
+            "<workspace>/datastores/<datastore>/paths/<path>")
+    subscription, group, name = workspace
+    return (f"azureml://subscriptions/{subscription}/resourcegroups/{group}/workspaces/{name}"
+            f"/datastores/{datastore}/paths/{path}")
+
+
 def resolve_image(value: str, base_dir: Path) -> str:
-    """Local references as absolute paths; http(s)/azureml URLs unchanged."""
+    """Local references as absolute paths; http(s)/azureml URLs unchanged; AmlDatastore://
+    references as the job workspace's azureml:// URI."""
     text = value.strip()
     scheme = urlparse(text).scheme.lower()
     if scheme in REMOTE_SCHEMES:
         return text
+    if scheme == "amldatastore":
+        return datastore_uri(text)
     if not text:
         raise ValueError("empty image reference")
     if len(scheme) > 1 and scheme != "file":  # a single letter is a Windows drive
         raise ValueError(
             f"image {text!r}: unsupported URI scheme '{scheme}://'; use a local path, file://, "
-            "http(s):// or azureml://"
+            "http(s)://, azureml:// or AmlDatastore://"
         )
     return os.path.abspath(local_path(text, base_dir))
 
@@ -179,6 +205,8 @@ def _to_record(
             present = ", ".join(k for k in row if row[k] is not None)[:120]
             return Problem(where, f"missing column {column!r} (columns: {present or 'none'})")
     image = row[image_column]
+    if isinstance(image, dict) and isinstance(image.get("resourceIdentifier"), str):
+        image = image["resourceIdentifier"]  # a stream_info object, as Azure's exports write it
     if not isinstance(image, str) or not image.strip():
         what = "empty" if image is None or isinstance(image, str) else f"not text ({image!r})"
         return Problem(where, f"{image_column} is {what}; expected an image path or URL")

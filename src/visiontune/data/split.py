@@ -16,7 +16,7 @@ from collections import Counter
 
 from visiontune.data.labels import check_task
 from visiontune.data.sources import Record
-from visiontune.inputs import MULTICLASS
+from visiontune.tasks import MULTICLASS
 
 
 def _labels(record: Record) -> tuple[str, ...]:

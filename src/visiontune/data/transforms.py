@@ -1,9 +1,11 @@
 """Image transforms (torchvision.transforms.v2 on uint8 CHW tensors) and their settings.
 
 Validation, evaluation and serving share ONE transform, ``eval_transform``: resize to
-(H, W) and normalise, with no center crop, so a model scores the same pixels everywhere.
-Training uses it too unless augmentations are on. ``Preprocessing`` is the small, saved
-description that rebuilds these transforms anywhere (e.g. inside an MLflow model).
+(H, W) with the base model's own interpolation and normalise, with no center crop, so a model
+scores the same pixels everywhere. Training uses it too unless augmentations are on.
+``Preprocessing`` is the small, saved description that rebuilds these transforms anywhere
+(e.g. inside an MLflow model); ``hf_image_processor`` and ``timm_pretrained_cfg`` write it in
+the forms transformers' ``AutoImageProcessor`` and ``pipeline`` read, so they score the same.
 
 Both are ``Compose``: torchvision's, run faster on a single image tensor (see its docstring).
 """
@@ -37,6 +39,11 @@ _INTERPOLATIONS = {
     "bilinear": v2.InterpolationMode.BILINEAR,
     "bicubic": v2.InterpolationMode.BICUBIC,
 }
+# PIL's resampling codes, as processors store them (``resample``). Lanczos, box and hamming
+# become their nearest kin among the three every backend (torchvision, ONNX, PIL) shares.
+_PIL_RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear",
+                 5: "bilinear"}
+_PIL_CODES = {"nearest": 0, "bilinear": 2, "bicubic": 3}
 
 
 @dataclass
@@ -51,6 +58,9 @@ class Preprocessing:
     interpolation: str = "bilinear"
     resize: str = "resize"  # resize to exactly (height, width); no crop
     channel_order: str = "RGB"
+    # Whose resize kernel evaluation uses: the one the model's transformers processor runs,
+    # so both round alike ("pillow" for timm models, whose processor has no other backend).
+    resampler: str = "torchvision"
 
     def __post_init__(self) -> None:
         self.height, self.width = int(self.height), int(self.width)
@@ -66,6 +76,8 @@ class Preprocessing:
             raise ValueError("resize must be 'resize'")
         if self.channel_order not in ("RGB", "BGR"):
             raise ValueError("channel_order must be 'RGB' or 'BGR'")
+        if self.resampler not in ("torchvision", "pillow"):
+            raise ValueError("resampler must be 'torchvision' or 'pillow'")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -94,32 +106,53 @@ def _size_of(value: Any) -> tuple[int, int] | None:
     return None
 
 
+def _interpolation_of(value: Any) -> str:
+    """A processor's interpolation (a PIL code or enum, a torchvision mode, timm's name) as
+    one of ``_INTERPOLATIONS``; bilinear when it names none."""
+    if isinstance(value, str):
+        name = value.lower()
+        return name if name in _INTERPOLATIONS else "bicubic" if name == "lanczos" else "bilinear"
+    if isinstance(value, v2.InterpolationMode):
+        return _interpolation_of(value.value)
+    try:
+        return _PIL_RESAMPLE.get(int(value), "bilinear")
+    except (TypeError, ValueError):
+        return "bilinear"
+
+
 def resolve_preprocessing(
     image_processor: Any, image_height: int = -1, image_width: int = -1,
 ) -> Preprocessing:
-    """Size, mean and std for a model: the user's size when both are given, else the
-    processor's (``crop_size`` when it center-crops, else ``size``; timm: ``input_size``)."""
+    """Size, mean, std and interpolation for a model: the user's size when both are given,
+    else the processor's (``crop_size`` when it center-crops, else ``size``; timm:
+    ``input_size``), and the interpolation the base model was trained with."""
     data_config = getattr(image_processor, "data_config", None)
     size: tuple[int, int] | None = None
     mean = std = None
     channel_order = "RGB"
-    if isinstance(data_config, dict):  # transformers' TimmWrapperImageProcessor
+    interpolation, resampler = "bilinear", "torchvision"
+    if isinstance(data_config, dict):  # transformers' TimmWrapperImageProcessor: Pillow only
+        resampler = "pillow"
         input_size = data_config.get("input_size")
         if input_size and len(input_size) == 3:
             size = int(input_size[1]), int(input_size[2])
         mean, std = data_config.get("mean"), data_config.get("std")
+        interpolation = _interpolation_of(data_config.get("interpolation"))
     elif image_processor is not None:
+        interpolation = _interpolation_of(getattr(image_processor, "resample", None))
         if getattr(image_processor, "do_center_crop", False):
             size = _size_of(getattr(image_processor, "crop_size", None))
         if size is None:
             size = _size_of(getattr(image_processor, "size", None))
-        if hasattr(image_processor, "do_normalize") and not image_processor.do_normalize:
+        # MobileViT's processor flips channels and never normalises, whatever it stores.
+        if getattr(image_processor, "do_flip_channel_order", False):
+            channel_order = "BGR"
+        if channel_order == "BGR" or (hasattr(image_processor, "do_normalize")
+                                      and not image_processor.do_normalize):
             mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # the model expects plain 0..1 input
         else:
             mean = getattr(image_processor, "image_mean", None)
             std = getattr(image_processor, "image_std", None)
-        if getattr(image_processor, "do_flip_channel_order", False):
-            channel_order = "BGR"
 
     if image_height == -1 or image_width == -1:
         if size is None:
@@ -134,7 +167,57 @@ def resolve_preprocessing(
         log.warning("the image processor has no 3-channel mean/std; using ImageNet's")
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     return Preprocessing(height=height, width=width, mean=tuple(mean), std=tuple(std),
-                         channel_order=channel_order)
+                         interpolation=interpolation, channel_order=channel_order,
+                         resampler=resampler)
+
+
+def hf_image_processor(pre: Preprocessing):
+    """A transformers image processor that computes ``eval_transform(pre)``: resize the whole
+    image to (H, W), no crop, scale to 0..1, normalise (MobileViT's, for BGR models).
+
+    The model's own processor class cannot always say this (ConvNeXt's needs a square
+    ``shortest_edge`` and crops below 384 pixels), so the generic ViT processor is written
+    for every RGB model: ``AutoImageProcessor`` reads the class from the saved file."""
+    common = {"do_resize": True, "size": {"height": pre.height, "width": pre.width},
+              "resample": _PIL_CODES[pre.interpolation], "do_rescale": True,
+              "rescale_factor": 1 / 255, "do_convert_rgb": True}
+    if pre.channel_order == "BGR":
+        from transformers import MobileViTImageProcessor
+
+        if pre.mean != (0.0, 0.0, 0.0) or pre.std != (1.0, 1.0, 1.0):
+            raise ValueError("a BGR model's processor cannot normalise; mean 0 and std 1 expected")
+        return MobileViTImageProcessor(**common, do_center_crop=False, do_flip_channel_order=True)
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(**common, do_normalize=True, image_mean=list(pre.mean),
+                             image_std=list(pre.std))
+
+
+def timm_pretrained_cfg(pre: Preprocessing, pretrained_cfg: dict[str, Any]) -> dict[str, Any]:
+    """A timm ``pretrained_cfg`` whose evaluation transform is ``eval_transform(pre)`` (timm's
+    "squash" resizes the whole image to the input size; crop_pct 1 keeps all of it)."""
+    if pre.channel_order != "RGB":
+        raise ValueError("timm models take RGB input")
+    return {**pretrained_cfg, "input_size": [3, pre.height, pre.width], "crop_pct": 1.0,
+            "crop_mode": "squash", "interpolation": pre.interpolation,
+            "mean": list(pre.mean), "std": list(pre.std)}
+
+
+class PillowResize(torch.nn.Module):
+    """Resize a uint8 CHW tensor to ``size`` (H, W) with Pillow's antialiased kernels, which
+    round differently from torchvision's by a level or a few on some pixels."""
+
+    def __init__(self, size: tuple[int, int], interpolation: str):
+        super().__init__()
+        self.size, self.interpolation = list(size), interpolation
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+        from PIL import Image
+
+        pixels = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy()))
+        resized = pixels.resize((self.size[1], self.size[0]), _PIL_CODES[self.interpolation])
+        return torch.from_numpy(np.array(resized)).permute(2, 0, 1)
 
 
 class FlipChannels(torch.nn.Module):
@@ -207,7 +290,9 @@ def _color_jitter(image: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
     return image
 
 
-def _finish(pre: Preprocessing) -> list:
+def _finish(pre: Preprocessing, on_device: bool = False) -> list:
+    if on_device:  # DeviceNormalize does the rest on the batch, on the GPU
+        return []
     steps: list = [v2.ToDtype(torch.float32, scale=True)]
     if pre.channel_order == "BGR":
         steps.append(FlipChannels())
@@ -215,36 +300,62 @@ def _finish(pre: Preprocessing) -> list:
     return steps
 
 
-def eval_transform(pre: Preprocessing) -> Compose:
-    """uint8 CHW -> float32 CHW: resize to (H, W), scale to 0..1, normalise."""
-    return Compose([
-        v2.Resize((pre.height, pre.width), interpolation=_INTERPOLATIONS[pre.interpolation],
-                  antialias=True),
-        *_finish(pre),
-    ])
+class DeviceNormalize(torch.nn.Module):
+    """The last steps of the transforms (scale to 0..1, BGR, normalise) on a uint8 NCHW batch
+    where it lies: a GPU run's loader sends a quarter of the bytes, and the GPU does in
+    microseconds what costs the loader's cores about a millisecond an image. The very steps of
+    the per-image transform (``_finish``), whose kernels take a batch too, so the values are
+    the same."""
+
+    def __init__(self, pre: Preprocessing):
+        super().__init__()
+        self.steps = _finish(pre)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.dtype != torch.uint8:
+            return batch  # already normalised (a float batch from elsewhere)
+        for step in self.steps:
+            batch = _run_step(step, batch)
+        return batch
 
 
-def train_transform(pre: Preprocessing, augment: bool) -> Compose:
-    """With ``augment``: random resized crop, horizontal flip, colour jitter; else eval's."""
+def eval_transform(pre: Preprocessing, on_device: bool = False) -> Compose:
+    """uint8 CHW -> float32 CHW: resize to (H, W), scale to 0..1, normalise. ``on_device``:
+    resize only (uint8 out), for ``DeviceNormalize`` on the batch."""
+    if pre.resampler == "pillow":
+        resize = PillowResize((pre.height, pre.width), pre.interpolation)
+    else:
+        resize = v2.Resize((pre.height, pre.width),
+                           interpolation=_INTERPOLATIONS[pre.interpolation], antialias=True)
+    return Compose([resize, *_finish(pre, on_device)])
+
+
+def train_transform(pre: Preprocessing, augment: bool, on_device: bool = False) -> Compose:
+    """With ``augment``: random resized crop, horizontal flip, colour jitter; else eval's.
+    ``on_device``: as ``eval_transform``'s."""
     if not augment:
-        return eval_transform(pre)
+        return eval_transform(pre, on_device)
     return Compose([
         v2.RandomResizedCrop((pre.height, pre.width), scale=CROP_SCALE, ratio=CROP_RATIO,
                              interpolation=_INTERPOLATIONS[pre.interpolation], antialias=True),
         v2.RandomHorizontalFlip(p=FLIP_P),
         v2.RandomApply([v2.ColorJitter(JITTER, JITTER, JITTER, JITTER)], p=JITTER_P),
-        *_finish(pre),
+        *_finish(pre, on_device),
     ])
 
 
-def describe_augmentations(pre: Preprocessing, augment: bool) -> dict[str, Any]:
-    """What the training and evaluation transforms do, for saving beside the model."""
+def describe_augmentations(pre: Preprocessing, augment: bool,
+                           on_device: bool = False) -> dict[str, Any]:
+    """What the training and evaluation transforms do, for saving beside the model
+    (``on_device``: the last steps ran on the GPU, on each batch)."""
     resize = {"name": "Resize", "size": [pre.height, pre.width],
-              "interpolation": pre.interpolation, "antialias": True}
+              "interpolation": pre.interpolation, "antialias": True, "resampler": pre.resampler}
     finish: list[dict[str, Any]] = [{"name": "ToDtype", "dtype": "float32", "scale": True}]
     if pre.channel_order == "BGR":
         finish.append({"name": "FlipChannels", "to": "BGR"})
     finish.append({"name": "Normalize", "mean": list(pre.mean), "std": list(pre.std)})
+    if on_device:
+        finish = [{**step, "on": "device"} for step in finish]
     if augment:
         train = [
             {"name": "RandomResizedCrop", "size": [pre.height, pre.width],

@@ -26,12 +26,13 @@ from typing import Any
 
 from visiontune import __version__
 from visiontune.errors import UserError, first_line
+from visiontune.model_folder import METADATA_FILE, read_metadata, write_metadata
 from visiontune.models.builtin import BUILTIN_MODELS, PROCESSOR_FILE, write_timm_processor_config
 from visiontune.outputs import LOCK_FILE, check_folder, staged
+from visiontune.tasks import PROBLEM_TYPES, task_of
 
 log = logging.getLogger(__name__)
 
-METADATA_FILE = "model_selector_args.json"
 CONFIG_FILE = "config.json"
 SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -41,37 +42,11 @@ EXTRA_FILES = (PROCESSOR_FILE, "model_defaults.json")
 _WRITTEN = (CONFIG_FILE, SAFE_WEIGHTS, SAFE_INDEX, METADATA_FILE, *EXTRA_FILES)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_TASK_BY_PROBLEM = {
-    "single_label_classification": "image-classification",
-    "multi_label_classification": "image-classification-multilabel",
-}
 
 
 # ---------------------------------------------------------------------------------------------
 # Metadata
 # ---------------------------------------------------------------------------------------------
-def read_model_metadata(model_dir: str | Path) -> dict:
-    """The folder's ``model_selector_args.json``; ``{}`` when absent (a plain model folder)."""
-    path = Path(model_dir) / METADATA_FILE
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must hold a JSON object")
-    return data
-
-
-def write_model_metadata(model_dir: str | Path, metadata: dict) -> None:
-    """Write ``model_selector_args.json`` whole or not at all (temp file, then rename)."""
-    path = Path(model_dir) / METADATA_FILE
-    tmp = path.with_name(f".{METADATA_FILE}.tmp")
-    tmp.write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _mlmodel_metadata(mlflow_dir: Path) -> dict:
     import yaml
 
@@ -110,7 +85,7 @@ def _find_model_folder(root: Path, option: str) -> Path:
         if not _is_model_config(root / CONFIG_FILE):
             raise UserError(f"{option}: {root / CONFIG_FILE} is not a Hugging Face model config")
         return root
-    sub = read_model_metadata(root).get("pytorch_model_path")
+    sub = read_metadata(root).get("pytorch_model_path")
     if isinstance(sub, str) and sub not in ("", ".") and (root / sub / CONFIG_FILE).is_file():
         return root / sub
     found = _shallowest_first((p.parent for p in root.rglob(CONFIG_FILE) if _is_model_config(p)), root)
@@ -374,7 +349,7 @@ def _source_metadata(root: Path, model_dir: Path) -> dict:
     """What an earlier import, fine-tune or MLflow model says about itself, flattened."""
     out: dict[str, Any] = {}
     for folder in (root, model_dir):
-        meta = read_model_metadata(folder)
+        meta = read_metadata(folder)
         if meta:
             out.update({k: v for k, v in (meta.get("model_metadata") or {}).items() if v is not None})
             if meta.get("model_name"):
@@ -451,7 +426,7 @@ def import_model(*, model_name: str | None = None, pytorch_model: str | Path | N
                 metadata = _assemble_builtin(model_name.lower(), tmp)
             else:
                 metadata = _assemble(model_name, source, root, model_dir, tmp, option)
-        write_model_metadata(tmp, metadata)
+        write_metadata(tmp, metadata)
         for path in tmp.iterdir():  # save_pretrained writes 0600 files; make them readable
             path.chmod(0o644)
     log.info("imported %s (%s) into %s", metadata["model_name"], source, output_dir)
@@ -529,9 +504,9 @@ def _metadata(*, model_name, source, source_path, base_model_name, source_meta, 
         config = load_config(config_dir)
         labels = checkpoint_labels(config)
         model_metadata["id2label"] = {str(i): name for i, name in enumerate(labels)}
-        model_metadata["finetuning_task"] = source_meta.get("finetuning_task") or _TASK_BY_PROBLEM.get(
-            getattr(config, "problem_type", None)
-        )
+        problem_type = getattr(config, "problem_type", None)
+        model_metadata["finetuning_task"] = source_meta.get("finetuning_task") or (
+            task_of(problem_type) if problem_type in PROBLEM_TYPES.values() else None)
     return {
         "model_name": model_name,
         "source": source,

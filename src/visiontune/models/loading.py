@@ -6,14 +6,9 @@ import logging
 from pathlib import Path
 
 from visiontune.errors import UserError, first_line
-from visiontune.inputs import MULTICLASS, MULTILABEL
+from visiontune.tasks import PROBLEM_TYPES, check_task
 
 log = logging.getLogger(__name__)
-
-PROBLEM_TYPES = {
-    MULTICLASS: "single_label_classification",
-    MULTILABEL: "multi_label_classification",
-}
 
 
 def _model_dir(model_dir: str | Path) -> Path:
@@ -141,7 +136,8 @@ def load_float32_classifier(path: str | Path, option: str, **kwargs):
         raise UserError(f"{option}: cannot load the model in {path}: {first_line(exc)}") from None
 
 
-def load_for_finetune(model_dir: str | Path, classes: list[str], task: str):
+def load_for_finetune(model_dir: str | Path, classes: list[str], task: str,
+                      size: tuple[int, int] | None = None):
     """The model with a head for ``classes`` and the loss of ``task``.
 
     - Same classes as the checkpoint (continual fine-tuning): the trained head is kept, its
@@ -153,8 +149,7 @@ def load_for_finetune(model_dir: str | Path, classes: list[str], task: str):
     (cross-entropy for single-label, BCE-with-logits for multi-label)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
-    if task not in PROBLEM_TYPES:
-        raise UserError(f"unknown task {task!r}; expected one of {', '.join(PROBLEM_TYPES)}")
+    check_task(task)
     classes = [str(c) for c in classes]
     if not classes:
         raise UserError("no classes to train on")
@@ -189,24 +184,73 @@ def load_for_finetune(model_dir: str | Path, classes: list[str], task: str):
         # list when loaded with new labels; saved as is, the fine-tuned model would reload with
         # LABEL_0.. names (or the old classes). Make it follow id2label.
         model.config.label_names = list(classes)
-    return accept_any_image_size(model)
+    return accept_any_image_size(model, size)
 
 
-def accept_any_image_size(model):
+def _size_pair(value) -> tuple[int, int] | None:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    return None
+
+
+def accept_any_image_size(model, size: tuple[int, int] | None = None):
     """Let position-embedding models (ViT, DeiT, BEiT, ...) take ``image_height`` x
     ``image_width`` inputs other than their pre-training size.
 
     Their forward interpolates the position embeddings only when asked
     (``interpolate_pos_encoding``), and refuses other sizes otherwise; it is a no-op at the
-    pre-training size. Set on the instance, so training, evaluation and ONNX export all use it.
+    pre-training size. Set on the instance, so training, evaluation and ONNX export all use it;
+    not when the model's own size is ``size`` (a fine-tuned model made native at its size by
+    ``native_image_size``), which it runs as is.
     """
     import functools
     import inspect
 
+    if size is not None and _size_pair(getattr(model.config, "image_size", None)) == tuple(size):
+        return model
     forward = model.forward
     if "interpolate_pos_encoding" in inspect.signature(forward).parameters:
         model.forward = functools.partial(forward, interpolate_pos_encoding=True)
     return model
+
+
+def native_image_size(folder: str | Path, height: int, width: int) -> bool:
+    """Make a saved position-embedding model that was trained at (``height``, ``width``), not
+    at its config's size, a model OF that size: its position embeddings interpolated once, as
+    its forward did at every training step, stored, and ``config.image_size`` set. Tools that
+    run it without ``interpolate_pos_encoding`` (transformers' pipeline, ONNX, Azure's scoring)
+    then take the trained size and give the trained logits. Returns whether it changed."""
+    import inspect
+
+    import torch
+
+    size = _size_pair(getattr(load_config(Path(folder)), "image_size", None))
+    if size is None or size == (height, width):  # nothing to bake: not loaded at all
+        return False
+    model = load_float32_classifier(folder, "output_dir_pytorch")
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    embeddings = getattr(base, "embeddings", None)
+    position = getattr(embeddings, "position_embeddings", None)
+    patches = getattr(embeddings, "patch_embeddings", None)
+    if (not isinstance(position, torch.nn.Parameter) or position.ndim != 3 or not hasattr(embeddings, "interpolate_pos_encoding")
+            or not hasattr(patches, "num_patches") or not hasattr(patches, "patch_size")
+            or "interpolate_pos_encoding" not in inspect.signature(model.forward).parameters):
+        return False
+    extra = position.shape[1] - patches.num_patches  # class (and distillation) tokens
+    patch = _size_pair(patches.patch_size)
+    count = (height // patch[0]) * (width // patch[1])
+    with torch.no_grad():
+        resized = embeddings.interpolate_pos_encoding(
+            torch.zeros(1, extra + count, position.shape[-1]), height, width)
+    if resized.shape != (1, extra + count, position.shape[-1]):
+        return False
+    embeddings.position_embeddings = torch.nn.Parameter(resized.detach().clone())
+    patches.image_size, patches.num_patches = (height, width), count
+    model.config.image_size = [height, width]
+    model.save_pretrained(folder)
+    return True
 
 
 def is_cnn(model) -> bool:
@@ -225,9 +269,20 @@ def prefer_channels_last(model):
     Measured on 2 CPU cores: +30 % images/s for EfficientNet-Lite0 training at precision 16
     (BENCHMARKS.md).
     Values equal the NCHW model's up to float rounding, and ``save_pretrained`` writes the same
-    tensors."""
+    tensors. Not for a model with a strided 1x1 convolution of fewer than 16 input channels:
+    oneDNN's channels-last backward of those crashes the process on AVX-512 CPUs (torch 2.14;
+    ResNet-style shortcuts of small models)."""
     import torch
 
-    return model.to(memory_format=torch.channels_last) if is_cnn(model) else model
+    if not is_cnn(model) or any(_crashes_channels_last(m) for m in model.modules()):
+        return model
+    return model.to(memory_format=torch.channels_last)
+
+
+def _crashes_channels_last(module) -> bool:
+    import torch
+
+    return (isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
+            and max(module.stride) > 1 and module.in_channels < 16)
 
 

@@ -37,9 +37,9 @@ class RoutingMode(TorchFunctionMode):
 def switched(mode_type: type[RoutingMode], env_switch: str, active: bool):
     """Within: a ``mode_type`` mode when ``active`` and the environment switch (on by default)
     permit. Yields the mode, or None."""
-    from visiontune.inputs import env_flag
+    from visiontune import settings
 
-    if not (active and env_flag(env_switch, True)):
+    if not (active and settings.flag(env_switch)):
         yield None
         return
     with mode_type() as mode:

@@ -39,10 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 
 from visiontune.inference import (
     DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS_PER_REQUEST,
 )
+from visiontune.model_folder import METADATA_FILE
 from visiontune.outputs import MLFLOW_WRITER, check_folder, is_visiontune_mlflow_model, staged
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ log = logging.getLogger(__name__)
 _REQUIREMENTS = ("torch", "torchvision", "transformers", "timm", "safetensors", "pillow", "numpy",
                  "pandas", "mlflow")
 _ONNX_REQUIREMENTS = ("onnxruntime",)  # preprocessing still runs on torch/torchvision
-MODEL_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "model_selector_args.json")
+MODEL_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", METADATA_FILE)
 IMAGE_COLUMN = "image"
 DEFAULT_MAX_IMAGES = 256
 ERRORS_SHOWN = 5
@@ -121,9 +123,8 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
             self.classifier = Classifier(artifacts["model"])
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None):
-        import pandas as pd
-
+    def predict(self, context, model_input: pd.DataFrame,
+                params: dict[str, Any] | None = None) -> pd.DataFrame:
         values = _image_column(model_input)
         config = getattr(self, "config", None) or ServingConfig()
         if not values:
@@ -141,8 +142,6 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
 
 def _image_column(model_input) -> list[Any]:
     """The cells of the ``image`` column; a 400 for input that is not such a table."""
-    import pandas as pd
-
     if isinstance(model_input, (list, tuple, pd.Series)) and all(
             isinstance(v, (str, bytes)) for v in model_input):
         return list(model_input)  # in-process use: a plain list of images
@@ -241,8 +240,6 @@ def _answer_bad_requests_with_400() -> None:
 
     def parquet_or_400(parse):
         def parse_or_400(parquet_input):
-            import pandas as pd
-
             try:
                 return pd.read_parquet(parquet_input)
             except Exception as exc:  # noqa: BLE001 - any unreadable body is the client's error
@@ -280,16 +277,64 @@ def _requirements(names) -> list[str]:
 
 def _stage_onnx(onnx_dir: Path, target: Path) -> None:
     from visiontune.errors import UserError
-    from visiontune.onnx_export import METADATA_FILE, ONNX_FILE
+    from visiontune.onnx_export import EXPORT_METADATA_FILE, ONNX_FILE
 
-    meta_path = onnx_dir / METADATA_FILE
+    meta_path = onnx_dir / EXPORT_METADATA_FILE
     if not meta_path.is_file():
-        raise UserError(f"{onnx_dir} is not an ONNX export of visiontune (no {METADATA_FILE})")
+        raise UserError(f"{onnx_dir} is not an ONNX export of visiontune (no {EXPORT_METADATA_FILE})")
     model_file = json.loads(meta_path.read_text(encoding="utf-8")).get("model_file", ONNX_FILE)
     target.mkdir()
-    for name in (model_file, model_file + ".data", METADATA_FILE):
+    for name in (model_file, model_file + ".data", EXPORT_METADATA_FILE):
         if (onnx_dir / name).exists():
             shutil.copy2(onnx_dir / name, target / name)
+
+
+def _input_example():
+    """One small PNG, base64-encoded, in the ``image`` column: what MLflow and Azure's test
+    tab show as a sample request."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, 32, dtype=np.uint8)
+    pixels = np.stack([np.tile(ramp, (32, 1)), np.tile(ramp[:, None], (1, 32)),
+                       np.full((32, 32), 128, np.uint8)], axis=-1)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(buffer.getvalue()).decode("ascii")]})
+
+
+def _signature(task: str | None):
+    """The request and answer schemas: one base64 image per row in; per image, every class's
+    probability and name and the predicted label (multi-label: the labels over threshold)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
+    from visiontune.tasks import MULTILABEL
+
+    predicted = (ColSpec(Array(DataType.string), "predicted_labels") if task == MULTILABEL
+                 else ColSpec(DataType.string, "predicted_label"))
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.string, IMAGE_COLUMN)]),
+        outputs=Schema([ColSpec(Array(DataType.double), "probs"),
+                        ColSpec(Array(DataType.string), "labels"), predicted]))
+
+
+def _relative_paths_only(folder: Path) -> None:
+    """MLflow records where the model's code and artifacts were copied from (this machine's
+    package and a temporary folder); loading reads only the copies inside the model, so
+    ``MLmodel`` keeps their names and no path of the machine that wrote it."""
+    from mlflow.models import Model
+
+    mlmodel = Model.load(str(folder / "MLmodel"))
+    pyfunc = mlmodel.flavors["python_function"]
+    for artifact in pyfunc.get("artifacts", {}).values():
+        artifact.pop("uri", None)
+    pyfunc["model_code_path"] = Path(pyfunc["model_code_path"]).name
+    mlmodel.save(str(folder / "MLmodel"))
 
 
 def save_mlflow_model(model_dir: str | Path, output_dir: str | Path, *,
@@ -302,12 +347,14 @@ def save_mlflow_model(model_dir: str | Path, output_dir: str | Path, *,
                       batch_size: int = 0) -> Path:
     """Write the MLflow model for a fine-tuned model folder (checkpoints are left out).
 
+    The model is MLflow's models-from-code (``pyfunc_entry.py``; no pickle), with the request
+    and answer signature, an input example and the metadata Azure's scoring reads.
     ``onnx_dir``: an ``export_onnx`` folder of the same model; the pyfunc then scores with ONNX
     Runtime. The other keywords are the ServingConfig stored with the model."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
-
     import visiontune
+    from visiontune.model_card import write_model_card
+    from visiontune.model_folder import read_metadata
+    from visiontune.serving import pyfunc_entry
 
     config = ServingConfig.from_dict({
         "max_image_bytes": max_image_bytes, "max_images_per_request": max_images_per_request,
@@ -315,7 +362,8 @@ def save_mlflow_model(model_dir: str | Path, output_dir: str | Path, *,
         "allow_urls": allow_urls, "allow_local_paths": allow_local_paths, "batch_size": batch_size,
     })
     model_dir, output_dir = Path(model_dir), Path(output_dir)
-    meta = json.loads((model_dir / "model_selector_args.json").read_text(encoding="utf-8"))
+    meta = read_metadata(model_dir)
+    task = meta.get("model_metadata", {}).get("finetuning_task")
     # Never a folder visiontune did not write; the folder itself is kept (it may be a mount
     # point) and filled in place, MLmodel last.
     check_folder(output_dir, "output_dir_mlflow", replaceable=is_visiontune_mlflow_model, create=False)
@@ -335,20 +383,24 @@ def save_mlflow_model(model_dir: str | Path, output_dir: str | Path, *,
         saved = staging / "mlflow"  # save_model wants a new folder
         mlflow.pyfunc.save_model(
             path=str(saved),
-            python_model=ImageClassifierModel(),
+            python_model=pyfunc_entry.__file__,
             artifacts=artifacts,
             code_paths=[str(Path(visiontune.__file__).parent)],
             pip_requirements=_requirements(requirements),
-            signature=ModelSignature(inputs=Schema([ColSpec("string", IMAGE_COLUMN)])),
+            signature=_signature(task),
+            input_example=_input_example(),
             model_config=asdict(config),
             metadata={
-                "finetuning_task": meta.get("model_metadata", {}).get("finetuning_task"),
+                "task": task,
+                "finetuning_task": task,
                 "base_model_name": meta.get("model_metadata", {}).get("base_model_name"),
                 "is_finetuned_model": True,
                 "inference_backend": "onnxruntime" if onnx_dir is not None else "pytorch",
                 "written_by": MLFLOW_WRITER,
             },
         )
+        _relative_paths_only(saved)
+        write_model_card(saved, model_dir=model_dir, mlflow_model=True, location=output_dir)
         for entry in saved.iterdir():
             entry.rename(staging / entry.name)
         saved.rmdir()

@@ -14,8 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from visiontune.errors import UserError
-from visiontune.hardware import CpuKind, cpu_bf16, cpu_kind, cpu_paths
-from visiontune.inputs import MULTICLASS, MULTILABEL
+from visiontune.hardware import (
+    CpuKind, GpuKind, cpu_bf16, cpu_kind, cpu_paths, gpu_kind, gpu_paths, gpu_training_options,
+    normalise_on_device, warn_unusable_gpu,
+)
+from visiontune.tasks import MULTICLASS, MULTILABEL
+from visiontune.training import distributed
 from visiontune.training.tracking import plan_tracking
 
 log = logging.getLogger(__name__)
@@ -117,6 +121,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     deepspeed_config: dict[str, Any] | None = None
     mlflow_tracking: bool = False  # training/tracking.py: the Trainer's MLflow callback, guarded
+    normalise_on_device: bool = False  # uint8 batches, normalised by the trainer on the GPU
 
 
 def check_inputs(values: dict[str, Any]) -> list[str]:
@@ -191,10 +196,31 @@ def extra_optimizer_settings(optim: str, extra: dict[str, Any]) -> tuple[dict[st
     return fields, (",".join(optim_args) or None)
 
 
+def auto_batch_size_applies(values: dict[str, Any], world_size: int,
+                            ds_config: dict[str, Any] | None) -> tuple[bool, str | None]:
+    """Whether the Trainer may retry out-of-memory errors at a smaller batch, and a note when
+    auto_find_batch_size is asked for but cannot apply.
+
+    The retry is per process: under several processes the one that ran out of memory starts
+    over alone while the others wait in a collective for a step it no longer takes, and the run
+    hangs. The Trainer refuses it under ZeRO-3."""
+    if not values["auto_find_batch_size"]:
+        return False, None
+    if world_size > 1:
+        return False, (f"auto_find_batch_size is off: with {world_size} processes an out-of-memory "
+                       "error cannot be retried by every process together; set training_batch_size "
+                       "(a one-process run with auto_find_batch_size true finds one that fits)")
+    if ds_config is not None and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        return False, ("auto_find_batch_size is off: the Trainer does not support it under "
+                       "DeepSpeed ZeRO stage 3; set training_batch_size")
+    return True, None
+
+
 def plan_training(values: dict[str, Any], *, use_cpu: bool, bf16_ok: bool,
-                  cpu: CpuKind | None = None) -> Plan:
+                  cpu: CpuKind | None = None, gpu: GpuKind | None = None) -> Plan:
     """Map checked, defaulted values onto TrainingArguments keywords. ``bf16_ok``: the GPU runs
-    bf16 natively; ``cpu``: the CPU's kind on a CPU-only run (default: this machine's)."""
+    bf16 natively; ``cpu``: the CPU's kind on a CPU-only run, ``gpu``: what torch sees of the
+    GPUs (default: this machine's)."""
     notes = check_inputs(values)
     optim = OPTIMIZER_NAMES.get(values["optimizer"], values["optimizer"])
     extra = parse_extra_optim_args(values["extra_optim_args"])
@@ -203,6 +229,12 @@ def plan_training(values: dict[str, Any], *, use_cpu: bool, bf16_ok: bool,
         notes.append(f"extra_optim_args sets {key}={value} (it wins over the other inputs)")
 
     precision: dict[str, Any] = {}
+    gpu = gpu or gpu_kind()
+    device_options: dict[str, Any] = {"dataloader_pin_memory": False}
+    on_device = False
+    unusable = warn_unusable_gpu(gpu)  # a GPU torch cannot use, or has no kernels for
+    if unusable:
+        notes.append(unusable)
     if use_cpu:
         cpu = cpu or cpu_kind()
         if values["precision"] == 16:
@@ -211,12 +243,15 @@ def plan_training(values: dict[str, Any], *, use_cpu: bool, bf16_ok: bool,
             notes.append(note)
         notes.append(cpu_paths(cpu, bf16=bool(precision.get("bf16")),
                                deepspeed=values["apply_deepspeed"]))
-    elif values["precision"] == 16:
-        if bf16_ok:
+    else:
+        if values["precision"] == 16 and bf16_ok:
             precision["bf16"] = True
             notes.append("precision 16 runs as bf16 mixed precision")
-        else:
+        elif values["precision"] == 16:
             precision["fp16"] = True
+        device_options = gpu_training_options(gpu)
+        on_device = normalise_on_device(gpu)
+        notes.append(gpu_paths(gpu, device_options, on_device))
 
     max_steps = values["max_steps"] if values["max_steps"] and values["max_steps"] > 0 else -1
     args: dict[str, Any] = dict(
@@ -249,7 +284,6 @@ def plan_training(values: dict[str, Any], *, use_cpu: bool, bf16_ok: bool,
         greater_is_better=values["metric_for_best_model"] != "loss",
         dataloader_num_workers=values["number_of_workers"],
         dataloader_persistent_workers=values["number_of_workers"] > 0,
-        dataloader_pin_memory=not use_cpu,
         remove_unused_columns=False,
         # MLflow tracking, when asked for, through a callback that cannot fail the run.
         report_to=[],
@@ -257,8 +291,10 @@ def plan_training(values: dict[str, Any], *, use_cpu: bool, bf16_ok: bool,
         # BCE has no token count: averaging "tokens" across ranks would scale the loss by the
         # world size (environment.md). Cross-entropy over images has the same semantics.
         average_tokens_across_devices=False,
+        # The trainer turns it on for a model with weights that get no gradient (trainer.py).
         ddp_find_unused_parameters=False,
         **precision,
+        **device_options,
     )
     args.update(extra_fields)
     tracking, note = plan_tracking()
@@ -266,15 +302,21 @@ def plan_training(values: dict[str, Any], *, use_cpu: bool, bf16_ok: bool,
         notes.append(note)
     ds_config = None
     if values["apply_deepspeed"]:
-        from visiontune.training import distributed
-        from visiontune.training.deepspeed import plan_deepspeed
+        from visiontune.training.deepspeed import autocast_16bit, plan_deepspeed
 
         ds_config, ds_notes = plan_deepspeed(read_deepspeed_config(values["deepspeed_config"]),
                                              values["deepspeed_config"], args,
                                              distributed.world_size())
         notes.extend(ds_notes)
+        if autocast_16bit(ds_config):  # DeepSpeed's engine casts, not the Trainer
+            args["bf16"] = False
         if not distributed.launched():
             notes.append("apply_deepspeed without a distributed launcher: DeepSpeed runs as a "
                          "one-process group; launch with torchrun (or Azure ML's distribution) "
                          "to train on several GPUs")
-    return Plan(training_args=args, notes=notes, deepspeed_config=ds_config, mlflow_tracking=tracking)
+    args["auto_find_batch_size"], note = auto_batch_size_applies(values, distributed.world_size(),
+                                                                 ds_config)
+    if note:
+        notes.append(note)
+    return Plan(training_args=args, notes=notes, deepspeed_config=ds_config, mlflow_tracking=tracking,
+                normalise_on_device=on_device)

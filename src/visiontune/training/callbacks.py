@@ -12,17 +12,13 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from visiontune.outputs import write_json_atomic
+
 log = logging.getLogger("visiontune.training")
 
 COMPLETE_MARKER = "visiontune_complete.json"
 METRICS_LOG = "metrics.jsonl"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class CompleteCheckpointCallback(TrainerCallback):
@@ -43,8 +39,9 @@ class CompleteCheckpointCallback(TrainerCallback):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
                 files = sorted(p.name for p in folder.iterdir())
-                _write_json_atomic(folder / COMPLETE_MARKER, {"global_step": state.global_step,
-                                                              "epoch": state.epoch, "files": files})
+                write_json_atomic(folder / COMPLETE_MARKER, {"global_step": state.global_step,
+                                                             "epoch": state.epoch, "files": files},
+                                  sort_keys=True)
         return control
 
 

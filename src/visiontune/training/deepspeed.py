@@ -41,6 +41,7 @@ sizes, communication settings) is the configuration's. In detail:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -92,6 +93,29 @@ _MATCHING_OPTIMIZERS = {"adamw_torch_fused": ("adamw", "adam"), "adagrad": ("ada
 _OPTIMIZER_PARAMS = {"adamw": ("lr", "betas", "eps", "weight_decay"),
                      "adam": ("lr", "betas", "eps", "weight_decay"),
                      "adagrad": ("lr", "eps", "weight_decay")}
+
+
+@contextlib.contextmanager
+def whole_weights_while_loading(args):
+    """Load the model with whole weights on every process, also under ZeRO-3.
+
+    Under ZeRO-3 transformers builds the model inside ``deepspeed.zero.Init``, which partitions
+    each weight as it is created: the new head's initialisation and visiontune's re-initialising
+    or reordering of its rows then act on empty partitions, and a head of another size fails to
+    load. Image classifiers fit whole on each process; DeepSpeed partitions them when training
+    starts."""
+    from transformers.integrations.deepspeed import (
+        is_deepspeed_zero3_enabled, set_hf_deepspeed_config, unset_hf_deepspeed_config,
+    )
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(args.hf_deepspeed_config)
 
 
 def check_installed() -> None:
@@ -161,13 +185,49 @@ def validate(config: dict[str, Any], where: str) -> list[str]:
     return []
 
 
+def autocast_16bit(config: dict[str, Any] | None) -> bool:
+    """Whether a merged configuration trains under DeepSpeed's torch autocast (precision 16 as
+    bf16); the Trainer's own bf16 is then off, DeepSpeed's engine casts."""
+    return bool(config and config.get("torch_autocast", {}).get("enabled") is True)
+
+
+def _precision_regime(merged: dict[str, Any], args: dict[str, Any], notes: list[str]) -> None:
+    """bf16 runs as DeepSpeed's torch autocast: the weights, batch norm's included, stay float32
+    (as without DeepSpeed) and matrix products and convolutions run in bf16. DeepSpeed's bf16
+    section would cast every weight to bf16 but keep batch norm's running statistics float32,
+    a mix batch norm refuses ("expected scalar type BFloat16 but found Float").
+    fp16 keeps DeepSpeed's fp16 section, since under ZeRO only it scales the loss; its buffers
+    are cast to fp16 with the weights, so batch norm trains fully in fp16."""
+    autocast = merged.get("torch_autocast")
+    if args.get("bf16"):
+        for key in ("bf16", "fp16"):
+            merged.setdefault(key, {})["enabled"] = False
+        merged["torch_autocast"] = {**(autocast or {}), "enabled": True, "dtype": "bfloat16"}
+        notes.append("deepspeed: precision 16 runs as bf16 autocast (torch_autocast): the weights, "
+                     "batch norm's included, stay float32")
+        return
+    if autocast is not None and autocast.get("enabled") is True:
+        autocast["enabled"] = False
+        notes.append("deepspeed_config: torch_autocast.enabled true replaced by false ("
+                     + ("precision 16 runs as fp16 with loss scaling" if args.get("fp16")
+                        else "precision 32") + ")")
+    if args.get("fp16"):
+        data_types = merged.setdefault("data_types", {})
+        if data_types.get("buffer_dtype") in (None, "fp16"):
+            data_types["buffer_dtype"] = "fp16"
+            notes.append("deepspeed: precision 16 runs as DeepSpeed's fp16 (its loss scaling): "
+                         "weights and buffers, batch norm's included, in fp16")
+
+
 def merge(config: dict[str, Any] | None, args: dict[str, Any], world_size: int) -> tuple[dict[str, Any], list[str]]:
     """The configuration the run uses: ``config`` (the built-in one when None) with the inputs
     winning, as ``args`` (TrainingArguments keywords planned from the inputs) states them.
 
     Returns (configuration, notes): one note per replaced or removed value."""
     if config is None:
-        return copy.deepcopy(DEFAULT_CONFIG), []
+        merged, notes = copy.deepcopy(DEFAULT_CONFIG), []
+        _precision_regime(merged, args, notes)
+        return merged, notes
     merged = copy.deepcopy(config)
     notes: list[str] = []
 
@@ -202,6 +262,7 @@ def merge(config: dict[str, Any] | None, args: dict[str, Any], world_size: int) 
         merged["amp"]["enabled"] = False
         notes.append("deepspeed_config: amp.enabled true replaced by false (precision decides "
                      "mixed precision, through the fp16/bf16 sections)")
+    _precision_regime(merged, args, notes)
 
     optimizer = merged.get("optimizer")
     if optimizer is not None:

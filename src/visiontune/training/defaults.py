@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from visiontune.errors import UserError
-from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, MULTILABEL
+from visiontune.inputs import FINETUNE_INPUTS
+from visiontune.tasks import MULTICLASS, MULTILABEL
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from visiontune import settings
 from visiontune.errors import UserError
 
 ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -36,7 +37,6 @@ MAIN_PROCESS_WAIT = timedelta(hours=6)
 _SHARED_CHECK_FILE = ".visiontune_shared_folder_check"
 # A network mount may show another node's new file a little late: look again for this long
 # before calling the folder unshared (the environment variable changes it).
-SHARED_FOLDER_WAIT_S = 30.0
 SHARED_FOLDER_WAIT_VAR = "VISIONTUNE_SHARED_FOLDER_WAIT_S"
 
 _wait_group = None
@@ -244,7 +244,7 @@ def check_shared_folder(folder: Path, input_name: str) -> None:
     if is_main_process():
         marker.write_text(token, encoding="utf-8")
     wait_for_main_process("checking the output folder")
-    seen = _sees(marker, token, float(os.environ.get(SHARED_FOLDER_WAIT_VAR, SHARED_FOLDER_WAIT_S)))
+    seen = _sees(marker, token, settings.number(SHARED_FOLDER_WAIT_VAR))
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, (rank(), socket.gethostname(), seen), group=group)
     if is_main_process():

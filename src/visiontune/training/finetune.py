@@ -21,8 +21,8 @@ import numpy as np
 
 from visiontune import malloc
 from visiontune.errors import UserError
-from visiontune.inputs import MULTILABEL
 from visiontune.outputs import FolderLock, check_folder, is_visiontune_mlflow_model
+from visiontune.tasks import MULTILABEL
 from visiontune.training import distributed
 from visiontune.training.arguments import plan_training
 from visiontune.training.callbacks import (
@@ -80,13 +80,13 @@ def _selected_model_folder(folder: Path) -> Path | None:
     """The model folder a model import output's ``model_selector_args.json`` points to; None
     when there is no such file. An import output without model files (Azure's import of a hub
     model leaves the download to its finetune) fails with what to do instead."""
-    from visiontune.models.importer import METADATA_FILE, read_model_metadata
+    from visiontune.model_folder import metadata_path, read_metadata
 
-    path = folder / METADATA_FILE
+    path = metadata_path(folder)
     if not path.is_file():
         return None
     try:
-        args = read_model_metadata(folder)
+        args = read_metadata(folder)
     except UserError as exc:
         raise UserError(f"--model_path: {exc}") from None
     named = []
@@ -121,14 +121,13 @@ def _selected_model_folder(folder: Path) -> Path | None:
 
 
 def _device_flags() -> tuple[bool, bool]:
-    import torch
+    from visiontune.hardware import gpu_kind
 
-    if torch.cuda.is_available():
+    gpu = gpu_kind()
+    if gpu.cuda_available:
         # Native bf16 only (compute capability 8+, or ROCm): torch.cuda.is_bf16_supported() also
         # says yes for a V100, which only emulates it, slowly; fp16 is its mixed precision.
-        # Asked of this process's own GPU, so that no rank touches GPU 0 before its own is set.
-        device = distributed.local_rank() % torch.cuda.device_count()
-        return False, bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+        return False, gpu.hip or gpu.capability[0] >= 8
     return True, False
 
 
@@ -144,11 +143,15 @@ def choose_workers(values: dict[str, Any], sources: dict[str, str], use_cpu: boo
         values["number_of_workers"] = 0
         sources["number_of_workers"] = "CPU-only run: loading in the main process"
         return
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    cpus = max(1, (os.cpu_count() or 1) // max(1, local_processes))
+    from visiontune.hardware import gpu_kind, local_processes, workers_per_process
+
+    # Under a launcher that does not say how many processes share the node (Azure ML's),
+    # one per GPU (hardware.local_processes).
+    shared = local_processes(gpu_kind()) > 1
+    cpus = workers_per_process(os.cpu_count() or 1, gpu_kind())
     if values["number_of_workers"] > cpus:
         sources["number_of_workers"] = (f"reduced from {values['number_of_workers']} to the CPUs here"
-                                        + (" per process" if local_processes > 1 else ""))
+                                        + (" per process" if shared else ""))
         values["number_of_workers"] = cpus
 
 
@@ -298,10 +301,10 @@ def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data,
     task = values["task_name"]
     model_dir = check_model_folder(values["model_path"])
 
-    from visiontune.models.importer import read_model_metadata
+    from visiontune.model_folder import read_metadata
 
     # Azure's import layout keeps the model in a subfolder and its metadata beside it
-    metadata = read_model_metadata(model_dir) or read_model_metadata(values["model_path"])
+    metadata = read_metadata(model_dir) or read_metadata(values["model_path"])
     base_model = _model_name(model_dir, metadata)
     values, sources = apply_defaults(values, task, base_model, model_dir)
     distributed.check_launch_environment()
@@ -321,7 +324,8 @@ def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data,
     from visiontune.data.dataset import ImageDataset
     from visiontune.data.prepare import prepare_data
     from visiontune.data.transforms import (
-        describe_augmentations, eval_transform, resolve_preprocessing, train_transform,
+        DeviceNormalize, describe_augmentations, eval_transform, resolve_preprocessing,
+        train_transform,
     )
 
     if data is None:
@@ -337,7 +341,8 @@ def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data,
     from visiontune.models.loading import (
         load_for_finetune, load_image_processor, prefer_channels_last,
     )
-    from visiontune.training.trainer import VisionTrainer
+    from visiontune.training.deepspeed import autocast_16bit, whole_weights_while_loading
+    from visiontune.training.trainer import VisionTrainer, plan_unused_parameters
 
     out = Path(values["output_dir_pytorch"])
     show_lines = not sys.stderr.isatty()
@@ -352,19 +357,29 @@ def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data,
 
     processor = load_image_processor(model_dir)
     pre = resolve_preprocessing(processor, values["image_height"], values["image_width"])
-    train_ds = ImageDataset(data.train, data.classes, task,
-                            train_transform(pre, values["apply_augmentations"]),
-                            seed=values["random_seed"])
-    val_ds = ImageDataset(data.validation, data.classes, task, eval_transform(pre))
+    on_device = plan.normalise_on_device
+    # The node's first process decodes the images into the shared cache; the others then
+    # find them there instead of decoding the whole dataset again each.
+    with args.main_process_first(local=True, desc="filling the decoded-image cache"):
+        train_ds = ImageDataset(data.train, data.classes, task,
+                                train_transform(pre, values["apply_augmentations"], on_device),
+                                seed=values["random_seed"])
+        val_ds = ImageDataset(data.validation, data.classes, task, eval_transform(pre, on_device))
 
     if not _is_main_process():
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # one log: rank 0's (loading reports, warnings)
     set_seed(values["random_seed"])  # the new head's initialisation is part of the run
-    model = load_for_finetune(model_dir, data.classes, task)
+    with whole_weights_while_loading(args):
+        model = load_for_finetune(model_dir, data.classes, task, (pre.height, pre.width))
     if plan.deepspeed_config is None:  # DeepSpeed flattens the weights into its own buffers
         model = prefer_channels_last(model)
+    unused_note = plan_unused_parameters(model, args, pre.height, pre.width)
+    if unused_note:
+        plan.notes.append(unused_note)
+        if _is_main_process():
+            print(f"  note: {unused_note}", flush=True)
     threshold = values["multilabel_threshold"]
     trainer_callbacks = [CompleteCheckpointCallback(), DatasetEpochCallback(train_ds),
                          MetricsLogCallback(out / METRICS_LOG, show_lines)]
@@ -379,6 +394,7 @@ def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data,
         compute_metrics=_scalar_metrics(task, threshold, len(val_ds),
                                         plan.training_args["label_smoothing_factor"]),
         callbacks=[*trainer_callbacks, *callbacks],
+        normalise=DeviceNormalize(pre) if on_device else None,
     )
     if show_lines:
         from transformers.trainer_callback import PrinterCallback
@@ -398,13 +414,18 @@ def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data,
     metrics["loss"] = float(prediction.metrics.get("eval_loss", float("nan")))
 
     # Every rank saves: under ZeRO-3 the weights are gathered from all of them (rank 0 writes).
-    timm = update_processor_size(processor, trainer.model.config, pre)
+    processor = processor_to_save(trainer.model.config, pre)
+    timm = processor is None
     trainer.save_model(str(out))
     mlflow_dir = None
     if trainer.is_world_process_zero():
+        from visiontune.models.loading import native_image_size
+
+        with whole_weights_while_loading(args):  # reloaded whole, not into ZeRO-3 partitions
+            native_image_size(out, pre.height, pre.width)
         _write_outputs(out, trainer, processor, pre, timm, data, values, sources, plan.notes,
                        metrics, base_model, metadata,
-                       describe_augmentations(pre, values["apply_augmentations"]))
+                       describe_augmentations(pre, values["apply_augmentations"], on_device))
         from visiontune.onnx_export import ONNX_SUBDIR, export_and_validate
 
         onnx_dir = None
@@ -412,7 +433,8 @@ def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data,
             onnx_dir = export_and_validate(
                 out, data.validation, prediction.label_ids, logits,
                 batch_size=values["validation_batch_size"],
-                mixed_precision=bool(trainer.args.fp16 or trainer.args.bf16))
+                mixed_precision=bool(trainer.args.fp16 or trainer.args.bf16
+                                     or autocast_16bit(plan.deepspeed_config)))
         else:  # an earlier run's export would not match this model
             shutil.rmtree(out / ONNX_SUBDIR, ignore_errors=True)
         if values["save_as_mlflow_model"]:
@@ -432,7 +454,7 @@ def _write_outputs(out, trainer, processor, pre, timm, data, values, sources, no
                    base_model, metadata, augmentations) -> None:
     """Everything beside the weights (saved already); ``timm``: a timm-wrapper model, whose
     preprocessing lives in its config rather than in a processor file."""
-    from visiontune.models.importer import write_model_metadata
+    from visiontune.model_folder import write_metadata
 
     if timm:
         from visiontune.models.builtin import write_timm_processor_config
@@ -442,7 +464,7 @@ def _write_outputs(out, trainer, processor, pre, timm, data, values, sources, no
         processor.save_pretrained(str(out))
     task = values["task_name"]
     parent = metadata.get("model_metadata", {})
-    write_model_metadata(out, {
+    write_metadata(out, {
         "model_name": base_model,
         "source": "finetune",
         "source_path": str(Path(values["model_path"]).resolve()),
@@ -468,21 +490,21 @@ def _write_outputs(out, trainer, processor, pre, timm, data, values, sources, no
                 label = list(r.label) if isinstance(r.label, tuple) else r.label
                 fh.write(json.dumps({values["image_column"]: r.image, values["label_column"]: label}) + "\n")
     (out / EVAL_RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=float), encoding="utf-8")
+    from visiontune.model_card import write_model_card
+
+    write_model_card(out, data=data)  # README.md, from the files above
 
 
-def update_processor_size(processor, model_config, pre) -> bool:
-    """Make the saved image processor describe the trained input size (Azure does the same).
+def processor_to_save(model_config, pre):
+    """The image processor saved with the model: one that computes the evaluation transform
+    at the trained size, so that transformers' ``pipeline`` scores as visiontune does.
 
     timm-wrapper models keep their preprocessing in ``config.pretrained_cfg`` (their processor
-    saves nothing), so that is what changes for them. Returns whether the model is one."""
+    saves nothing): that is rewritten instead, before the weights are saved, and None returned."""
+    from visiontune.data.transforms import hf_image_processor, timm_pretrained_cfg
+
     pretrained_cfg = getattr(model_config, "pretrained_cfg", None)
     if getattr(model_config, "model_type", None) == "timm_wrapper" and isinstance(pretrained_cfg, dict):
-        pretrained_cfg["input_size"] = [3, pre.height, pre.width]
-        pretrained_cfg["crop_pct"] = 1.0
-        return True
-    size = {"height": pre.height, "width": pre.width}
-    if getattr(processor, "size", None) is not None:
-        processor.size = size
-    if getattr(processor, "do_center_crop", False):
-        processor.crop_size = size
-    return False
+        model_config.pretrained_cfg = timm_pretrained_cfg(pre, pretrained_cfg)
+        return None
+    return hf_image_processor(pre)

@@ -29,10 +29,11 @@ import logging
 import numpy as np
 from transformers import Trainer
 
+from visiontune.errors import UserError
 from visiontune.hardware import cpu_kind, fast_depthwise_applies
-from visiontune.inputs import MULTILABEL
 from visiontune.models.depthwise import fast_depthwise
 from visiontune.models.hardtanh import inplace_hardtanh
+from visiontune.tasks import MULTILABEL
 
 log = logging.getLogger("visiontune.training")
 
@@ -52,11 +53,99 @@ def mean_loss(logits, labels, task: str, label_smoothing: float = 0.0) -> float:
     return float(F.cross_entropy(logits, labels.long(), label_smoothing=label_smoothing))
 
 
+def unused_parameters(model, height: int, width: int, device=None) -> list[str]:
+    """The trainable weights that a training forward pass leaves out of the logits (DINOv2's
+    ``mask_token``, used only for masked-image pretraining), found with one forward and backward
+    pass on a batch of two blank images. Gradients are not accumulated; the model's buffers
+    (batch-norm statistics), mode and random state are as before."""
+    import torch
+
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not params:
+        return []
+    device = torch.device(device) if device is not None else params[0][1].device
+    saved = {n: b.detach().clone() for n, b in model.named_buffers()}
+    was_training = model.training
+    dtype = params[0][1].dtype if params[0][1].is_floating_point() else torch.float32
+    cuda = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            model.train()
+            logits = model(pixel_values=torch.zeros(2, 3, height, width, device=device,
+                                                    dtype=dtype)).logits
+            grads = torch.autograd.grad(logits.float().sum(), [p for _, p in params],
+                                        allow_unused=True)
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if name in saved:
+                    buffer.copy_(saved[name])
+    return [name for (name, _), grad in zip(params, grads) if grad is None]
+
+
+def plan_unused_parameters(model, args, height: int, width: int) -> str | None:
+    """Under DDP, gradients are reduced as weights receive them; a weight that never receives
+    one stalls the reduction ("Expected to have finished reduction" on the second step) unless
+    DDP searches the graph for unused weights, which costs time at every step. So it searches
+    only for a model that has such weights (decided once, here), and says so."""
+    from transformers.training_args import ParallelMode
+
+    if args.parallel_mode != ParallelMode.DISTRIBUTED or args.deepspeed:
+        return None
+    model.to(args.device)  # where the Trainer puts it anyway
+    unused = unused_parameters(model, height, width)
+    if not unused:
+        return None
+    args.ddp_find_unused_parameters = True
+    shown = ", ".join(unused[:3]) + (f" and {len(unused) - 3} more" if len(unused) > 3 else "")
+    return (f"DDP looks for weights without a gradient at every step: {shown} get none from "
+            "the classification loss")
+
+
+def batch_size_after(tried: list[int], offered: int) -> int:
+    """auto_find_batch_size: the first try is the batch size given (``offered``); each retry
+    after an out-of-memory error halves the last one tried, as the input's help says (the
+    Trainer's own retry, accelerate's, offers 90 % of it)."""
+    if not tried:
+        return offered
+    if tried[-1] <= 1:
+        raise UserError("--auto_find_batch_size: out of memory even at training batch size 1 per "
+                        "process; use a smaller model or image size")
+    return tried[-1] // 2
+
+
 class VisionTrainer(Trainer):
-    def __init__(self, *args, **kwargs):
+    """``normalise``: a ``DeviceNormalize`` for uint8 batches, applied after they reach the
+    device (training, evaluation and prediction steps alike)."""
+
+    def __init__(self, *args, normalise=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.normalise = normalise
         # See the module docstring: mean loss per batch, divided by the accumulation steps.
         self.model_accepts_loss_kwargs = False
+        self.batch_sizes_tried: list[int] = []
+
+    def train(self, *args, **kwargs):
+        self.batch_sizes_tried = []
+        return super().train(*args, **kwargs)
+
+    def _inner_training_loop(self, batch_size=None, *args, **kwargs):
+        # The Trainer calls this again after an out-of-memory error when auto_find_batch_size
+        # is on (a one-process run only: arguments.auto_batch_size_applies).
+        if self.args.auto_find_batch_size and batch_size is not None:
+            batch_size = batch_size_after(self.batch_sizes_tried, batch_size)
+            if self.batch_sizes_tried:
+                log.warning("out of memory at training batch size %d per process: trying %d "
+                            "(auto_find_batch_size)", self.batch_sizes_tried[-1], batch_size)
+            self.batch_sizes_tried.append(batch_size)
+        return super()._inner_training_loop(batch_size, *args, **kwargs)
+
+    def _prepare_inputs(self, inputs):
+        inputs = super()._prepare_inputs(inputs)
+        if self.normalise is not None and "pixel_values" in inputs:
+            inputs["pixel_values"] = self.normalise(inputs["pixel_values"])
+        return inputs
 
     def compute_loss_context_manager(self) -> contextlib.ExitStack:
         # Entered for the forward pass of each training and evaluation step; only training

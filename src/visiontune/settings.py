@@ -1,0 +1,88 @@
+"""Every environment switch visiontune reads, declared once: its name, default and meaning.
+
+Modules read them through ``flag``, ``text`` and ``number`` (so a default lives only here);
+docs/performance.md and docs/troubleshooting.md say when to change them, and a test keeps
+every ``VISIONTUNE_*`` name in the source declared here and documented."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: Any  # a flag's bool, a number, a text, or None (unset: decided by the code)
+    meaning: str
+
+
+SETTINGS = {s.name: s for s in (
+    Setting("VISIONTUNE_LOG_LEVEL", "INFO", "the console's log level (DEBUG shows third-party notices)"),
+    Setting("VISIONTUNE_CPU_BF16", None, "precision 16 on a CPU: 1 bf16 on any CPU, 0 float32; "
+                                         "unset: bf16 where the CPU has it natively"),
+    Setting("VISIONTUNE_TF32", True, "TF32 matrix products on GPUs of compute capability 8.0 and newer"),
+    Setting("VISIONTUNE_FAST_DEPTHWISE", True, "the faster bf16 depthwise backward (CPUs with native bf16)"),
+    Setting("VISIONTUNE_INPLACE_HARDTANH", True, "the in-place ReLU6 of CPU training"),
+    Setting("VISIONTUNE_MALLOC_TUNING", True, "glibc malloc thresholds that keep freed tensor memory"),
+    Setting("VISIONTUNE_SKIP_TRITON", True, "leave triton unloaded on a machine without a GPU"),
+    Setting("VISIONTUNE_IMAGE_CACHE", True, "the decoded-image cache"),
+    Setting("VISIONTUNE_IMAGE_CACHE_DIR", None, "where the decoded-image cache is "
+                                                "(default ~/.cache/visiontune/decoded)"),
+    Setting("VISIONTUNE_IMAGE_CACHE_MAX_GB", 20.0, "the decoded-image cache's size limit per folder"),
+    Setting("VISIONTUNE_JPEG_DRAFT", True, "reduced-scale JPEG decoding where the transform crops at random"),
+    Setting("VISIONTUNE_CACHE_DIR", None, "where downloaded images are kept "
+                                          "(default ~/.cache/visiontune/images)"),
+    Setting("VISIONTUNE_SHARED_FOLDER_WAIT_S", 30.0, "how long a process looks for the other nodes' "
+                                                     "marker in a shared output folder"),
+)}
+
+
+def _declared(name: str) -> Setting:
+    try:
+        return SETTINGS[name]
+    except KeyError:
+        raise KeyError(f"{name} is not a declared setting (visiontune.settings.SETTINGS)") from None
+
+
+def is_set(name: str) -> bool:
+    return bool(os.environ.get(_declared(name).name, "").strip())
+
+
+def flag(name: str, default: bool | None = None) -> bool:
+    """An on/off switch, read as boolean inputs are read; its declared default (or ``default``,
+    for a switch whose default the code decides) when it is unset or not a boolean."""
+    from visiontune.inputs import parse_bool
+
+    declared = _declared(name).default
+    fallback = declared if default is None else default
+    try:
+        return parse_bool(os.environ.get(name, ""))
+    except ValueError:
+        return bool(fallback)
+
+
+def text(name: str) -> str | None:
+    """A text setting, or its declared default when unset."""
+    value = os.environ.get(_declared(name).name, "").strip()
+    return value or _declared(name).default
+
+
+def number(name: str) -> float:
+    """A number setting, or its declared default when unset or not a number."""
+    try:
+        return float(os.environ.get(_declared(name).name, ""))
+    except ValueError:
+        return float(_declared(name).default)
+
+
+def markdown_table() -> str:
+    """The table of docs/performance.md (a test keeps the page equal to it)."""
+    def shown(value: Any) -> str:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return "-" if value is None else f"`{value}`"
+
+    rows = [f"| `{s.name}` | {shown(s.default)} | {s.meaning} |" for s in SETTINGS.values()]
+    return "\n".join(["| variable | default | what it switches or sets |", "|---|---|---|", *rows])
