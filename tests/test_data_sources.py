@@ -110,8 +110,11 @@ def test_mltable_errors_are_clear(tmp_path):
     with pytest.raises(DataError, match="file './missing.jsonl' not found"):
         load_records(root, MC)
     write_jsonl(root / "a.jsonl", [])
+    (root / "MLTable").write_text("paths:\n  - file: a.jsonl\ntransformations:\n  - read_delta_lake: {}\n")
+    with pytest.raises(DataError, match="transformation 'read_delta_lake' is not supported"):
+        load_records(root, MC)
     (root / "MLTable").write_text("paths:\n  - file: a.jsonl\ntransformations:\n  - read_parquet: {}\n")
-    with pytest.raises(DataError, match="transformation 'read_parquet' is not supported"):
+    with pytest.raises(DataError, match=r"a\.jsonl: cannot read as Parquet"):
         load_records(root, MC)
     (root / "MLTable").write_text("paths:\n  - file: azureml://datastores/x/paths/a.jsonl\n")
     with pytest.raises(DataError, match="is remote"):
@@ -314,9 +317,9 @@ def test_folder_tree(tmp_path):
 def test_unusable_sources(tmp_path):
     with pytest.raises(DataError, match="data not found"):
         load_records(tmp_path / "nope.jsonl", MC)
-    (tmp_path / "a.parquet").write_bytes(b"x")
+    (tmp_path / "a.xlsx").write_bytes(b"x")
     with pytest.raises(DataError, match="unknown data format"):
-        load_records(tmp_path / "a.parquet", MC)
+        load_records(tmp_path / "a.xlsx", MC)
     (tmp_path / "arr.json").write_text('[{"image_url": "a.png", "label": "x"}]')
     with pytest.raises(DataError, match="JSON array"):
         load_records(tmp_path / "arr.json", MC)

@@ -203,6 +203,6 @@ def test_clear_errors_for_model_and_data(digits_model, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images found"):
         predict(model=digits_model, data=tmp_path / "empty", output=tmp_path / "p.jsonl")
-    (tmp_path / "data.parquet").write_bytes(b"x")
+    (tmp_path / "data.xlsx").write_bytes(b"x")
     with pytest.raises(UserError, match="unknown data format"):
-        predict(model=digits_model, data=tmp_path / "data.parquet", output=tmp_path / "p.jsonl")
+        predict(model=digits_model, data=tmp_path / "data.xlsx", output=tmp_path / "p.jsonl")

@@ -357,6 +357,9 @@ SPEC_TEXT: dict[str, str] = {
 # Model import component
 # ---------------------------------------------------------------------------------------------
 MODEL_FAMILIES = ("HuggingFaceImage",)
+# What the data inputs take (docs/data.md shows each with an example).
+DATA_FORMS = ("an MLTable folder, a JSON Lines, CSV or Parquet file, a Hugging Face dataset saved "
+              "with save_to_disk, WebDataset .tar shards, or an image folder tree")
 IMPORT_INPUTS: tuple[Input, ...] = (
     Input("model_family", "str", "Model framework; only HuggingFaceImage (as in Azure's component).",
           default="HuggingFaceImage", choices=MODEL_FAMILIES,
@@ -404,9 +407,12 @@ MAX_IMAGE_MB = Input("max_image_mb", "int",
                      description="Largest image file or download read, in MB; a larger one is a "
                      "bad row (see skip_bad_rows).")
 DATA_INPUTS: tuple[Input, ...] = (
-    Input("image_column", "str", "Column of the annotation data that holds the image path or URL.",
+    Input("image_column", "str", "Column of the annotation data that holds the image path or URL "
+          "(or, in Parquet and Hugging Face datasets, the image itself; there, when image_url is "
+          "absent, the one image column is used).",
           default="image_url", azure=False, component=True),
-    Input("label_column", "str", "Column of the annotation data that holds the label(s).",
+    Input("label_column", "str", "Column of the annotation data that holds the label(s) (in a "
+          "Hugging Face dataset without a label column, its one ClassLabel column).",
           default="label", azure=False, component=True),
     Input("skip_bad_rows", "bool",
           "Skip rows whose image or label cannot be used (and report how many) instead of "
@@ -425,7 +431,7 @@ FINETUNE_INPUTS: tuple[Input, ...] = (
           required=True,
           description=SPEC_TEXT["model_path"]),
     Input("training_data", "mltable",
-          "Training data: an MLTable folder, a JSON Lines or CSV file, or an image folder tree.",
+          f"Training data: {DATA_FORMS}.",
           required=True,
           description=SPEC_TEXT["training_data"]),
     Input("validation_data", "mltable",
@@ -546,8 +552,7 @@ FINETUNE_INPUTS: tuple[Input, ...] = (
 )
 
 DATA_CHECK_INPUTS: tuple[Input, ...] = (
-    Input("data", "mltable", "An MLTable folder, a JSON Lines or CSV file, or an image folder tree.",
-          required=True, azure=False),
+    Input("data", "mltable", f"The data: {DATA_FORMS}.", required=True, azure=False),
     Input("task_name", "str", "The task.", required=True, choices=TASKS),
     *DATA_INPUTS,
 )
@@ -586,8 +591,8 @@ RUNTIME_INPUT = Input("runtime", "str", "auto: ONNX Runtime when the model has a
 
 EVALUATE_INPUTS: tuple[Input, ...] = (
     MODEL_INPUT,
-    Input("test_data", "mltable", "Labelled data to evaluate on (MLTable, JSON Lines, CSV or folder "
-          "tree).", required=True, azure=False, component=True),
+    Input("test_data", "mltable", "Labelled data to evaluate on, in the forms training_data takes.",
+          required=True, azure=False, component=True),
     Input("output_dir", "folder", "Where to write metrics.json, per_class.csv and the plots.",
           required=True, azure=False, component=True,
           description="The evaluation report: metrics.json, per_class.csv, predictions.jsonl and "
@@ -608,11 +613,12 @@ EVALUATE_INPUTS: tuple[Input, ...] = (
 PREDICT_INPUTS: tuple[Input, ...] = (
     MODEL_INPUT,
     Input("data", "mltable", "Images to predict: an image folder, a text file listing image paths, "
-          "a JSON Lines or CSV file, or an MLTable folder.", required=True, azure=False),
+          "or a table as training_data takes (labels not needed).", required=True, azure=False),
     Input("output", "file", "Predictions file: .jsonl or .csv.", required=True, azure=False),
     BATCH_INPUT,
     RUNTIME_INPUT,
-    Input("image_column", "str", "Column of the annotation data that holds the image path or URL.",
+    Input("image_column", "str", "Column of the annotation data that holds the image (path, URL "
+          "or, in Parquet and Hugging Face datasets, the image itself).",
           default="image_url", azure=False),
     MAX_IMAGE_MB,
 )

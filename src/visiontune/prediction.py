@@ -1,7 +1,8 @@
 """``visiontune predict``: labels and probabilities for unlabelled images.
 
 ``--data`` may be an image folder (every image below it, sorted), a ``.txt`` file listing
-image paths (relative to the file), a JSON Lines or CSV annotation file, or an MLTable folder.
+image paths (relative to the file), or any table the data layer reads (JSON Lines, CSV,
+Parquet, an MLTable folder, a saved Hugging Face dataset, WebDataset shards).
 Labels are not needed: only the image column is read. An image that cannot be read or decoded
 becomes an output row with an ``error`` field instead of stopping the run.
 
@@ -19,7 +20,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -172,35 +173,25 @@ class Item:
 
 def list_images(source: str | Path, image_column: str = "image_url") -> list[Item]:
     """The images of every supported ``--data`` form, in a stable order."""
-    from visiontune.data.mltable import (
-        DELIMITED_SUFFIXES, JSON_LINES_SUFFIXES, MLTABLE_FILE, TableSpec, read_mltable,
-    )
-    from visiontune.data.sources import IMAGE_SUFFIXES, source_path
+    from visiontune.data.mltable import JSON_LINES_SUFFIXES
+    from visiontune.data.sources import IMAGE_SUFFIXES, source_path, table_spec
 
     path = source_path(source)
-    if path.is_dir():
-        if (path / MLTABLE_FILE).is_file():
-            return _table_images(read_mltable(path), image_column)
-        return _folder_images(path, IMAGE_SUFFIXES)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"--data: not found: {source}")
-    if path.name == MLTABLE_FILE:
-        return _table_images(read_mltable(path.parent), image_column)
-    suffix = path.suffix.lower()
-    if suffix == ".txt" and not _has_header(path, image_column):
+    if path.is_file() and path.suffix.lower() == ".txt" and not _has_header(path, image_column):
         return _listed_images(path)
-    if suffix in JSON_LINES_SUFFIXES:
-        return _table_images(TableSpec(base_dir=path.parent, files=[path], format="json_lines"),
-                             image_column)
-    if suffix in DELIMITED_SUFFIXES:
-        return _table_images(TableSpec(base_dir=path.parent, files=[path], format="delimited",
-                                       delimiter="\t" if suffix == ".tsv" else ","), image_column)
-    if suffix in IMAGE_SUFFIXES:
+    spec = table_spec(path)
+    if spec is not None:
+        return _table_images(spec, image_column)
+    if path.is_dir():
+        return _folder_images(path, IMAGE_SUFFIXES)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
         return [Item(str(path.resolve()), str(path.resolve()))]
     raise DataError(
         f"--data {source}: unknown data format; give an image folder, a .txt file listing image "
-        f"paths, a JSON Lines ({', '.join(JSON_LINES_SUFFIXES)}) or CSV (.csv, .tsv) file, or an "
-        "MLTable folder"
+        f"paths, a JSON Lines ({', '.join(JSON_LINES_SUFFIXES)}), CSV (.csv, .tsv) or Parquet "
+        "file, an MLTable folder, a saved Hugging Face dataset or WebDataset .tar shards"
     )
 
 
@@ -245,8 +236,9 @@ def _listed_images(path: Path) -> list[Item]:
 def _table_images(spec, image_column: str) -> list[Item]:
     """The image column of every row, labels or not. The row readers are the data layer's;
     only the column handling differs from training, which needs a label on every row."""
+    from visiontune.data.columnar import is_embedded
     from visiontune.data.mltable import MLTABLE_FILE
-    from visiontune.data.sources import csv_rows, json_rows, resolve_image
+    from visiontune.data.sources import resolve_image, table_rows
 
     if image_column in spec.drop_columns or (
         spec.keep_columns is not None and image_column not in spec.keep_columns
@@ -254,7 +246,7 @@ def _table_images(spec, image_column: str) -> list[Item]:
         raise DataError(f"{spec.base_dir / MLTABLE_FILE}: the MLTable drops the image column "
                         f"{image_column!r}")
     items: list[Item] = []
-    for where, row in _rows(spec, image_column, json_rows, csv_rows):
+    for where, row in table_rows(spec, image_column, None, None):
         if isinstance(row, str):
             items.append(Item(where, None, f"{where}: {row}"))
             continue
@@ -267,29 +259,9 @@ def _table_images(spec, image_column: str) -> list[Item]:
         except ValueError as exc:
             items.append(Item(value, None, f"{where}: {exc}"))
             continue
-        items.append(Item(uri, uri))
+        # An image stored inside the data file is named by its row, not by its extracted copy.
+        items.append(Item(where if is_embedded(uri) else uri, uri))
     return items
-
-
-def _rows(spec, image_column: str, json_rows, csv_rows) -> Iterator[tuple[str, Any]]:
-    """(where, row or problem text) for the rows the MLTable's skip/take select."""
-    dropped: list[str] = []
-    headers: list[list[str]] = []
-    index = -1
-    for file in spec.files:
-        if spec.format == "json_lines":
-            rows = json_rows(file, spec, str(file), dropped)
-        else:
-            rows = csv_rows(file, spec, str(file), (image_column,), headers)
-        for where, row in rows:
-            index += 1
-            if index < spec.skip:
-                continue
-            if spec.take is not None and index >= spec.skip + spec.take:
-                break
-            yield where, row
-    if dropped:
-        log.warning("dropped %d malformed JSON line(s) (invalid_lines: drop)", len(dropped))
 
 
 # ---------------------------------------------------------------------------------------------

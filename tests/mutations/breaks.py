@@ -38,7 +38,9 @@ METRICS = "src/visiontune/metrics.py"
 COMPONENTS = "src/visiontune/components.py"
 TRANSFORMS = "src/visiontune/data/transforms.py"
 ARGUMENTS = "src/visiontune/training/arguments.py"
+COLUMNAR = "src/visiontune/data/columnar.py"
 
+T_FORMAT_BAD_ROWS = "tests/test_data_formats.py::test_bad_rows_in_parquet_are_reported_with_their_row"
 T_RESUME = "tests/test_finetune.py::test_resume_equals_an_uninterrupted_run"
 T_RESUME_MID = "tests/test_finetune.py::test_resume_in_the_middle_of_an_epoch_equals_an_uninterrupted_run[plain]"
 T_RESUME_CHOICE = "tests/test_promises_resume.py::test_resume_takes_the_newest_complete_checkpoint_and_removes_the_others"
@@ -87,6 +89,7 @@ DS_NOTES = "DeepSpeed overrides (and every decision taken for the user) are prin
 LIMITS = "serving limits: bytes, images and pixels per image and per request"
 ATOMIC = "outputs are written whole or not at all (old state or nothing)"
 BAD_ROWS = "bad rows are never lost silently; reported with file and line"
+FORMATS = "Parquet and Hugging Face datasets read as datasets reads them, class names included"
 THRESHOLDS = "multi-label: a label is predicted at or above its threshold"
 METRICS_P = "metrics have scikit-learn's definitions"
 AZURE = "Azure component specs: Azure's interface, optional inputs, not deterministic"
@@ -201,12 +204,18 @@ BREAKS: list[Break] = [
           "    pass", (T_ONNX_ATOMIC,)),
     # --- bad rows -------------------------------------------------------------------------
     Break("malformed-json-row-dropped", BAD_ROWS, SOURCES,
-          "                problems.append(Problem(where, row))",
-          "                pass", (T_JSONL_LINES,)),
+          "            problems.append(Problem(where, row))",
+          "            pass", (T_JSONL_LINES,)),
     Break("bad-label-row-dropped", BAD_ROWS, SOURCES,
-          "            (problems if isinstance(result, Problem) else records).append(result)",
-          "            records.append(result) if not isinstance(result, Problem) else None",
+          "        (problems if isinstance(result, Problem) else records).append(result)",
+          "        records.append(result) if not isinstance(result, Problem) else None",
           (T_JSONL_LINES,)),
+    Break("classlabel-names-lost", FORMATS, COLUMNAR,
+          "            return names[value]", "            return value",
+          ("tests/test_data_formats.py::test_a_saved_dataset_reads_as_datasets_reads_it",)),
+    Break("empty-parquet-image-row-dropped", BAD_ROWS, COLUMNAR,
+          '                yield where, f"column {image!r} holds no image (null or empty)"',
+          "                pass", (T_FORMAT_BAD_ROWS,)),
     Break("bad-image-row-dropped", BAD_ROWS, PREPARE,
           "            bad.append(Problem(record.where, result))",
           "            pass", (T_BAD_ROWS,)),

@@ -1,6 +1,7 @@
 """Reading, checking and transforming image-classification data.
 
 Submodules: ``sources`` (annotation files, MLTable folders, folder trees -> Records),
+``mltable`` (the MLTable file), ``columnar`` (Parquet, Hugging Face datasets, WebDataset shards),
 ``images`` (reading and decoding), ``labels``, ``split``, ``transforms``, ``dataset``,
 ``prepare`` (all of it for training) and ``check`` (``visiontune data check``).
 Names are imported lazily so that reading data does not pay for importing torch.

@@ -64,7 +64,8 @@ def refuse_bombs() -> None:
 
 
 def cache_dir() -> Path:
-    """Where downloaded images are kept: $VISIONTUNE_CACHE_DIR or ~/.cache/visiontune/images."""
+    """Where downloaded images (and, under ``embedded/``, images stored inside data files) are
+    kept: $VISIONTUNE_CACHE_DIR or ~/.cache/visiontune/images."""
     from visiontune import settings
 
     configured = settings.text("VISIONTUNE_CACHE_DIR")

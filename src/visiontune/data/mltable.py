@@ -5,7 +5,7 @@ An MLTable folder holds a YAML file named ``MLTable`` beside the annotation file
     paths:
       - file: ./train_annotations.jsonl        # or  folder: ./annotations  /  pattern: ./*.jsonl
     transformations:
-      - read_json_lines:                       # or  read_delimited: {delimiter: ",", header: ...}
+      - read_json_lines:                       # or  read_delimited: {delimiter: ",", ...}, read_parquet
           encoding: utf8
           invalid_lines: error
           include_path_column: false
@@ -21,7 +21,7 @@ and returns ``None`` without any error for plain relative or absolute paths in a
 Supported: ``paths`` entries ``file``, ``folder`` (every file below it, recursively) and
 ``pattern`` (a glob, ``**`` allowed), as relative paths (to the MLTable folder), absolute paths
 or ``file://`` URIs; the transformations ``read_json_lines``, ``read_delimited``,
-``convert_column_types`` (``stream_info`` marks image columns; other types are accepted and
+``read_parquet`` (see ``columnar.py``), ``convert_column_types`` (``stream_info`` marks image columns; other types are accepted and
 left to our own label parsing), ``take``, ``skip``, ``keep_columns`` and ``drop_columns``.
 Anything else is refused with a message, never ignored silently.
 """
@@ -45,6 +45,13 @@ MLTABLE_FILE = "MLTable"
 
 JSON_LINES_SUFFIXES = (".jsonl", ".json", ".jsonlines", ".ndjson")
 DELIMITED_SUFFIXES = (".csv", ".tsv", ".txt")
+PARQUET_SUFFIXES = (".parquet", ".parq")
+# The files each format reads, and how they are named in messages.
+FORMAT_SUFFIXES = {"json_lines": JSON_LINES_SUFFIXES, "delimited": DELIMITED_SUFFIXES,
+                   "parquet": PARQUET_SUFFIXES}
+FORMAT_NAMES = {"json_lines": "JSON Lines", "delimited": "delimited", "parquet": "Parquet"}
+READERS = {"read_json_lines": "json_lines", "read_delimited": "delimited",
+           "read_parquet": "parquet"}
 
 # MLTable encoding names -> Python codec names. utf-8-sig also reads files without a BOM.
 ENCODINGS = {
@@ -65,7 +72,7 @@ class TableSpec:
 
     base_dir: Path  # relative image paths are resolved against this folder
     files: list[Path]
-    format: str  # "json_lines" | "delimited"
+    format: str  # "json_lines" | "delimited" | "parquet" | "arrow" | "shards"
     encoding: str = "utf-8-sig"
     invalid_lines: str = "error"  # json lines: "error" | "drop"
     delimiter: str = ","
@@ -75,6 +82,7 @@ class TableSpec:
     take: int | None = None
     keep_columns: list[str] | None = None
     drop_columns: list[str] = field(default_factory=list)
+    features: dict[str, Any] = field(default_factory=dict)  # a saved Hugging Face dataset's
 
 
 def codec(name: Any, where: str) -> str:
@@ -206,10 +214,12 @@ def _apply_step(spec: TableSpec, name: str, options: Any, where: str) -> None:
     opts = options if isinstance(options, dict) else {}
     if options is not None and not isinstance(options, (dict, list, int, str)):
         raise DataError(f"{where}: options of '{name}' must be a mapping")
-    if name in ("read_json_lines", "read_delimited"):
+    if name in READERS:
         if spec.format:
             raise DataError(f"{where}: more than one read_* transformation")
-        spec.format = "json_lines" if name == "read_json_lines" else "delimited"
+        spec.format = READERS[name]
+        if name == "read_parquet":
+            return  # include_path_column changes nothing that visiontune reads
         spec.encoding = codec(opts.get("encoding", "utf8"), where)
         # include_path_column and other reading options are accepted: they change nothing
         # that visiontune reads.
@@ -265,18 +275,19 @@ def _apply_step(spec: TableSpec, name: str, options: Any, where: str) -> None:
     else:
         raise DataError(
             f"{where}: transformation '{name}' is not supported; visiontune reads read_json_lines, "
-            "read_delimited, convert_column_types, take, skip, keep_columns and drop_columns"
+            "read_delimited, read_parquet, convert_column_types, take, skip, keep_columns and "
+            "drop_columns"
         )
 
 
 def _format_from_suffix(files: list[Path], where: str) -> str:
     suffixes = {f.suffix.lower() for f in files}
-    if suffixes and suffixes <= set(JSON_LINES_SUFFIXES):
-        return "json_lines"
-    if suffixes and suffixes <= set(DELIMITED_SUFFIXES):
-        return "delimited"
+    for fmt, wanted in FORMAT_SUFFIXES.items():
+        if suffixes and suffixes <= set(wanted):
+            return fmt
     raise DataError(
-        f"{where}: no read_json_lines or read_delimited transformation, and the file types "
+        f"{where}: no read_json_lines, read_delimited or read_parquet transformation, and the "
+        "file types "
         f"({', '.join(sorted(suffixes)) or 'none'}) do not say which to use"
     )
 
@@ -284,12 +295,12 @@ def _format_from_suffix(files: list[Path], where: str) -> str:
 def _files_for_format(files: list[tuple[Path, bool]], fmt: str, where: str) -> list[Path]:
     """Folders and patterns often also match the images: keep only annotation files from them
     (a file named explicitly is always read)."""
-    wanted = JSON_LINES_SUFFIXES if fmt == "json_lines" else DELIMITED_SUFFIXES
+    wanted = FORMAT_SUFFIXES[fmt]
     kept = [p for p, explicit in files if explicit or p.suffix.lower() in wanted]
     ignored = len(files) - len(kept)
     if ignored:
         log.info("%s: ignored %d file(s) that are not %s annotation files", where, ignored,
-                 "JSON Lines" if fmt == "json_lines" else "delimited")
+                 FORMAT_NAMES[fmt])
     if not kept:
         raise DataError(f"{where}: 'paths' selects no {'/'.join(wanted)} annotation files")
     return kept

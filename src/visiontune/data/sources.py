@@ -1,8 +1,10 @@
 """Read annotation rows from any supported source into Records, keeping every problem.
 
 Sources: an MLTable folder (see ``mltable.py``), a JSON Lines file (``.jsonl``, ``.json``,
-``.jsonlines``, ``.ndjson``), a CSV/TSV file (first line is the header), or an image folder
-tree ``root/<class>/<image>`` (multi-class; images may sit in subfolders of a class folder).
+``.jsonlines``, ``.ndjson``), a CSV/TSV file (first line is the header), a Parquet file or a
+folder of them, a Hugging Face dataset saved with ``save_to_disk``, WebDataset tar shards (a
+``.tar`` file or a folder of them; the formats are in ``columnar.py``), or an image folder tree
+``root/<class>/<image>`` (multi-class; images may sit in subfolders of a class folder).
 
 Image references: a path relative to the MLTable folder (or to the annotation file's folder
 when the file is given directly), an absolute path, a ``file://`` URI, an ``http(s)://`` URL
@@ -28,9 +30,11 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
+from visiontune.data import columnar
 from visiontune.data.labels import Label, check_task, normalize_label, parse_text_label
 from visiontune.data.mltable import (
-    DELIMITED_SUFFIXES, JSON_LINES_SUFFIXES, MLTABLE_FILE, TableSpec, local_path, read_mltable,
+    DELIMITED_SUFFIXES, JSON_LINES_SUFFIXES, MLTABLE_FILE, PARQUET_SUFFIXES, TableSpec, local_path,
+    read_mltable,
 )
 from visiontune.errors import DataError
 from visiontune.tasks import MULTICLASS
@@ -72,27 +76,51 @@ def load_records(
     """Every row of ``source`` as a Record, or as a Problem when it cannot be used."""
     check_task(task)
     path = source_path(source)
-    if path.is_dir():
-        if (path / MLTABLE_FILE).is_file():
-            return _read_table(read_mltable(path), task, image_column, label_column)
-        return _read_folder_tree(path, task)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"data not found: {source}")
-    if path.name == MLTABLE_FILE:
-        return _read_table(read_mltable(path.parent), task, image_column, label_column)
-    suffix = path.suffix.lower()
-    if suffix in JSON_LINES_SUFFIXES:
-        spec = TableSpec(base_dir=path.parent, files=[path], format="json_lines")
-    elif suffix in DELIMITED_SUFFIXES:
-        spec = TableSpec(base_dir=path.parent, files=[path], format="delimited",
+    spec = table_spec(path)
+    if spec is not None:
+        return _read_table(spec, task, image_column, label_column)
+    if path.is_dir():
+        return _read_folder_tree(path, task)
+    raise DataError(
+        f"{source}: unknown data format; give an MLTable folder, a JSON Lines file "
+        f"({', '.join(JSON_LINES_SUFFIXES)}), a CSV file ({', '.join(DELIMITED_SUFFIXES)}), "
+        "a Parquet file, a Hugging Face dataset folder (save_to_disk), WebDataset .tar "
+        "shards or a folder with one subfolder of images per class"
+    )
+
+
+def table_spec(path: Path) -> TableSpec | None:
+    """The table a file or folder holds: an MLTable, a JSON Lines, CSV or Parquet file, WebDataset
+    shards, a saved Hugging Face dataset, or a folder of Parquet files or of shards (all its files
+    of one kind). None for anything else (an image folder tree, an image)."""
+    if path.is_file():
+        suffix = path.suffix.lower()
+        formats = {**{s: "json_lines" for s in JSON_LINES_SUFFIXES},
+                   **{s: "delimited" for s in DELIMITED_SUFFIXES},
+                   **{s: "parquet" for s in PARQUET_SUFFIXES},
+                   **{s: "shards" for s in columnar.SHARD_SUFFIXES}}
+        if path.name == MLTABLE_FILE:
+            return read_mltable(path.parent)
+        if suffix not in formats:
+            return None
+        return TableSpec(base_dir=path.parent, files=[path], format=formats[suffix],
                          delimiter="\t" if suffix == ".tsv" else ",")
-    else:
-        raise DataError(
-            f"{source}: unknown data format; give an MLTable folder, a JSON Lines file "
-            f"({', '.join(JSON_LINES_SUFFIXES)}), a CSV file ({', '.join(DELIMITED_SUFFIXES)}) "
-            "or a folder with one subfolder of images per class"
-        )
-    return _read_table(spec, task, image_column, label_column)
+    if (path / MLTABLE_FILE).is_file():
+        return read_mltable(path)
+    if columnar.is_saved_dataset(path):
+        files, features = columnar.saved_dataset(path)
+        return TableSpec(base_dir=path, files=files, format="arrow", features=features)
+    if (path / columnar.HF_DICT).is_file():
+        columnar.refuse_dataset_dict(path)
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if files and not any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
+        for fmt, suffixes in (("parquet", PARQUET_SUFFIXES), ("shards", columnar.SHARD_SUFFIXES)):
+            if all(p.suffix.lower() in suffixes for p in files):
+                columnar.refuse_mixed_splits(path, files)
+                return TableSpec(base_dir=path, files=files, format=fmt)
+    return None
 
 
 def source_path(source: str | Path) -> Path:
@@ -168,32 +196,50 @@ def _read_table(
 
     records: list[Record] = []
     problems: list[Problem] = []
+    for where, row in table_rows(spec, image_column, label_column, task):
+        if isinstance(row, str):
+            problems.append(Problem(where, row))
+            continue
+        result = _to_record(row, where, spec.base_dir, task, image_column, label_column,
+                            from_text=spec.format == "delimited")
+        (problems if isinstance(result, Problem) else records).append(result)
+    return records, problems
+
+
+def table_rows(
+    spec: TableSpec, image_column: str, label_column: str | None, task: str | None,
+) -> Iterator[tuple[str, dict[str, Any] | str]]:
+    """(where, row or what is wrong with it) for the rows the table's skip/take select, in
+    every format; ``label_column`` None reads images only (prediction)."""
     dropped: list[str] = []
     headers: list[list[str]] = []
+    required = (image_column,) if label_column is None else (image_column, label_column)
     index = -1
     for file in spec.files:
         display = str(file)
         if spec.format == "json_lines":
             rows = json_rows(file, spec, display, dropped)
+        elif spec.format == "delimited":
+            rows = csv_rows(file, spec, display, required, headers)
+        elif spec.format == "parquet":
+            rows = columnar.parquet_rows(file, display, image_column, label_column)
+        elif spec.format == "arrow":
+            rows = columnar.arrow_rows(file, display, spec.features, image_column, label_column)
         else:
-            rows = csv_rows(file, spec, display, (image_column, label_column), headers)
+            rows = columnar.shard_rows(file, display, task, image_column, label_column)
         for where, row in rows:
             index += 1
             if index < spec.skip:
                 continue
             if spec.take is not None and index >= spec.skip + spec.take:
-                break  # the next file breaks at once as well
-            if isinstance(row, str):
-                problems.append(Problem(where, row))
-                continue
-            result = _to_record(row, where, spec.base_dir, task, image_column, label_column,
-                                from_text=spec.format == "delimited")
-            (problems if isinstance(result, Problem) else records).append(result)
+                break
+            yield where, row
+        if spec.take is not None and index >= spec.skip + spec.take:
+            break
     if dropped:
         # invalid_lines: drop was asked for; still say how many and where.
         log.warning("dropped %d malformed JSON line(s) (invalid_lines: drop): %s%s", len(dropped),
                     ", ".join(dropped[:5]), " ..." if len(dropped) > 5 else "")
-    return records, problems
 
 
 def _to_record(
