@@ -156,11 +156,12 @@ def test_direct_jsonl_and_every_image_reference_form(tmp_path):
         {"image_url": "https://example.com/x.jpg", "label": "http"},
         {"image_url": "azureml://subscriptions/s/workspaces/w/datastores/d/paths/x.jpg", "label": "aml"},
         {"image_url": "s3://bucket/x.jpg", "label": "s3"},
+        {"image_url": "ftp://host/x.jpg", "label": "ftp"},
     ]
     records, problems = load_records(write_jsonl(tmp_path / "data" / "a.jsonl", rows), MC)
-    assert [r.image for r in records] == [str(image)] * 3 + [rows[3]["image_url"], rows[4]["image_url"]]
-    assert len(problems) == 1 and problems[0].where.endswith("a.jsonl:6")
-    assert "unsupported URI scheme 's3://'" in problems[0].message
+    assert [r.image for r in records] == [str(image)] * 3 + [r["image_url"] for r in rows[3:6]]
+    assert len(problems) == 1 and problems[0].where.endswith("a.jsonl:7")
+    assert "unsupported URI scheme 'ftp://'" in problems[0].message
 
 
 AZURE_JOB = {"AZUREML_ARM_SUBSCRIPTION": "sub-1", "AZUREML_ARM_RESOURCEGROUP": "rg-1",

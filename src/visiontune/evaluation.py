@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from visiontune.data.columnar import is_embedded
+from visiontune.data.storage import redact
 from visiontune.errors import DataError, UserError
 from visiontune.inference import Classifier, check_threshold
 from visiontune.outputs import check_folder
@@ -240,7 +242,9 @@ def _write_predictions(path: Path, classifier: Classifier, records, probs: np.nd
     multilabel = classifier.task == MULTILABEL
     with path.open("w", encoding="utf-8") as handle:
         for record, p in zip(records, probs):
-            row: dict[str, Any] = {"image": record.image}
+            # An image stored in a data file by its row; a URL without its query (a SAS token).
+            image = record.where if is_embedded(record.image) else redact(record.image)
+            row: dict[str, Any] = {"image": image}
             if multilabel:
                 row["labels"] = list(record.label)
                 row["predicted_labels"] = predicted(classifier, p)

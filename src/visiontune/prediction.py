@@ -217,6 +217,7 @@ def _has_header(path: Path, image_column: str) -> bool:
 
 def _listed_images(path: Path) -> list[Item]:
     from visiontune.data.sources import resolve_image
+    from visiontune.data.storage import redact
 
     items = []
     text = path.read_text(encoding="utf-8-sig")
@@ -227,9 +228,9 @@ def _listed_images(path: Path) -> list[Item]:
         try:
             uri = resolve_image(value, path.parent)
         except ValueError as exc:
-            items.append(Item(value, None, f"{path}:{number}: {exc}"))
+            items.append(Item(redact(value), None, f"{path}:{number}: {exc}"))
             continue
-        items.append(Item(uri, uri))
+        items.append(Item(redact(uri), uri))
     return items
 
 
@@ -237,6 +238,7 @@ def _table_images(spec, image_column: str) -> list[Item]:
     """The image column of every row, labels or not. The row readers are the data layer's;
     only the column handling differs from training, which needs a label on every row."""
     from visiontune.data.columnar import is_embedded
+    from visiontune.data.storage import redact
     from visiontune.data.mltable import MLTABLE_FILE
     from visiontune.data.sources import resolve_image, table_rows
 
@@ -257,10 +259,11 @@ def _table_images(spec, image_column: str) -> list[Item]:
         try:
             uri = resolve_image(value, spec.base_dir)
         except ValueError as exc:
-            items.append(Item(value, None, f"{where}: {exc}"))
+            items.append(Item(redact(value), None, f"{where}: {exc}"))
             continue
-        # An image stored inside the data file is named by its row, not by its extracted copy.
-        items.append(Item(where if is_embedded(uri) else uri, uri))
+        # An image stored inside the data file is named by its row, not by its extracted copy;
+        # a URL without its query string (a SAS token).
+        items.append(Item(where if is_embedded(uri) else redact(uri), uri))
     return items
 
 

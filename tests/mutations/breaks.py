@@ -39,6 +39,7 @@ COMPONENTS = "src/visiontune/components.py"
 TRANSFORMS = "src/visiontune/data/transforms.py"
 ARGUMENTS = "src/visiontune/training/arguments.py"
 COLUMNAR = "src/visiontune/data/columnar.py"
+STORAGE = "src/visiontune/data/storage.py"
 
 T_FORMAT_BAD_ROWS = "tests/test_data_formats.py::test_bad_rows_in_parquet_are_reported_with_their_row"
 T_RESUME = "tests/test_finetune.py::test_resume_equals_an_uninterrupted_run"
@@ -90,6 +91,7 @@ LIMITS = "serving limits: bytes, images and pixels per image and per request"
 ATOMIC = "outputs are written whole or not at all (old state or nothing)"
 BAD_ROWS = "bad rows are never lost silently; reported with file and line"
 FORMATS = "Parquet and Hugging Face datasets read as datasets reads them, class names included"
+SECRETS = "no credential in a log line or an output file (URLs lose their query string)"
 THRESHOLDS = "multi-label: a label is predicted at or above its threshold"
 METRICS_P = "metrics have scikit-learn's definitions"
 AZURE = "Azure component specs: Azure's interface, optional inputs, not deterministic"
@@ -165,8 +167,8 @@ BREAKS: list[Break] = [
           "        if len(data) >= max_bytes:\n            raise _too_large(len(data), max_bytes)\n        return data",
           (T_IMAGE_BYTES,)),
     Break("data-url-download-unbounded", LIMITS, IMAGES,
-          "    data = download(url, limit)",
-          "    data = download(url, 2**62)", (T_DATA_BYTES,)),
+          "    data = fetch(url, limit)",
+          "    data = fetch(url, 2**62)", (T_DATA_BYTES,)),
     Break("data-file-limit-off-by-one", LIMITS, IMAGES,
           "        if info.st_size > limit:",
           "        if info.st_size >= limit:", (T_DATA_BYTES,)),
@@ -210,6 +212,10 @@ BREAKS: list[Break] = [
           "        (problems if isinstance(result, Problem) else records).append(result)",
           "        records.append(result) if not isinstance(result, Problem) else None",
           (T_JSONL_LINES,)),
+    Break("sas-token-kept", SECRETS, STORAGE,
+          "    if not parsed.scheme or (not parsed.query and not parsed.password):",
+          "    if True:",
+          ("tests/test_data_stores.py::test_a_sas_token_never_reaches_a_message_or_an_output",)),
     Break("classlabel-names-lost", FORMATS, COLUMNAR,
           "            return names[value]", "            return value",
           ("tests/test_data_formats.py::test_a_saved_dataset_reads_as_datasets_reads_it",)),

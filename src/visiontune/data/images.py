@@ -28,11 +28,13 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from visiontune.data import storage
 from visiontune.data.mltable import local_path
 from visiontune.errors import DataError
 
@@ -103,7 +105,9 @@ def read_image_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     limit = max_file_bytes() if max_bytes is None else int(max_bytes)
     scheme = urlparse(uri).scheme.lower()
     if scheme in ("http", "https"):
-        return _read_http(uri, limit)
+        return _read_cached(uri, limit, download)
+    if storage.is_object_uri(uri):
+        return _read_cached(uri, limit, storage.read_object)
     if scheme == "azureml":
         return _read_azureml(uri, limit)
     try:
@@ -171,11 +175,10 @@ def read_at_most(read, limit: int, what: str, first: int = 1 << 20,
     return b"".join(chunks)
 
 
-def _read_http(url: str, limit: int) -> bytes:
-    """Fetch once, then serve from the cache; the file appears atomically so that parallel
-    readers (threads, data-loading processes) never see half a download. Each network
-    operation times out, the whole download has a deadline, and no more than ``limit`` bytes
-    are read."""
+def _read_cached(url: str, limit: int, fetch: Callable[[str, int], bytes]) -> bytes:
+    """Fetch once (an http(s) URL or an object in a store), then serve from the cache; the file
+    appears atomically so that parallel readers (threads, data-loading processes) never see half
+    a download. No more than ``limit`` bytes are read."""
     folder = cache_dir()
     target = folder / hashlib.sha256(url.encode("utf-8")).hexdigest()
     try:
@@ -183,9 +186,9 @@ def _read_http(url: str, limit: int) -> bytes:
     except FileNotFoundError:
         pass
     except OSError as exc:
-        raise DataError(f"cannot read the cached download of {url} ({target}): "
+        raise DataError(f"cannot read the cached download of {storage.redact(url)} ({target}): "
                         f"{exc.strerror or exc}") from None
-    data = download(url, limit)
+    data = fetch(url, limit)
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".part-")
     try:
@@ -207,22 +210,23 @@ def download(url: str, limit: int, *, timeout: float | None = None,
     timeout = HTTP_TIMEOUT_S if timeout is None else timeout
     deadline_s = HTTP_DEADLINE_S if deadline_s is None else deadline_s
     request = urllib.request.Request(url, headers={"User-Agent": "visiontune"})
+    shown = storage.redact(url)  # a SAS token or signature never reaches a message
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             declared = response.headers.get("Content-Length")
             if declared and declared.isdigit() and int(declared) > limit:
-                raise ImageTooLarge(url, int(declared), limit)
-            return read_at_most(response.read1, limit, url, deadline=time.monotonic() + deadline_s)
+                raise ImageTooLarge(shown, int(declared), limit)
+            return read_at_most(response.read1, limit, shown, deadline=time.monotonic() + deadline_s)
     except DataError:
         raise
     except urllib.error.HTTPError as exc:
-        raise DataError(f"cannot download {url}: HTTP {exc.code} {exc.reason}") from None
+        raise DataError(f"cannot download {shown}: HTTP {exc.code} {exc.reason}") from None
     except TimeoutError:
-        raise DataError(f"cannot download {url}: timed out (each read may take "
+        raise DataError(f"cannot download {shown}: timed out (each read may take "
                         f"{timeout:g} s, the whole download {deadline_s:g} s)") from None
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
-        raise DataError(f"cannot download {url}: {reason}") from None
+        raise DataError(f"cannot download {shown}: {storage.redact(str(reason))}") from None
 
 
 def _read_azureml(uri: str, limit: int) -> bytes:

@@ -37,6 +37,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
+from visiontune.data import storage
 from visiontune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -136,13 +137,15 @@ def _resolve_paths(entries: Any, base_dir: Path, where: str) -> list[tuple[Path,
             )
         kind = next(k for k in ("file", "folder", "pattern") if k in entry)
         value = str(entry[kind])
-        if _is_remote(value):
+        remote = _is_remote(value)
+        if remote and not (storage.is_object_uri(value) and kind != "pattern"):
             raise DataError(
-                f"{where}: {kind} {value!r} is remote; visiontune reads annotation files from "
-                "local paths (download the data first, e.g. with azcopy or the Azure ML studio)"
+                f"{where}: {kind} {storage.redact(value)!r} is remote; visiontune reads annotation "
+                "files from local paths or, as file or folder entries, from s3://, az:// and gs:// "
+                "(download the data first, e.g. with azcopy or the Azure ML studio)"
             )
         try:
-            path = local_path(value, base_dir)
+            path = storage.mirror(value) if remote else local_path(value, base_dir)
         except ValueError as exc:
             raise DataError(f"{where}: {exc}") from None
         if kind == "file":

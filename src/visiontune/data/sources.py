@@ -7,9 +7,11 @@ folder of them, a Hugging Face dataset saved with ``save_to_disk``, WebDataset t
 ``root/<class>/<image>`` (multi-class; images may sit in subfolders of a class folder).
 
 Image references: a path relative to the MLTable folder (or to the annotation file's folder
-when the file is given directly), an absolute path, a ``file://`` URI, an ``http(s)://`` URL
-or an ``azureml://`` URI. Local references become absolute paths; URLs are kept as given and
-fetched later (``images.py``). An ``AmlDatastore://<datastore>/<path>`` reference (Azure's data
+when the file is given directly), an absolute path, a ``file://`` URI, an ``http(s)://`` URL,
+an object-store URI (``s3://``, ``az://``, ``gs://``: ``storage.py``) or an ``azureml://`` URI.
+Local references become absolute paths; URLs are kept as given and fetched later
+(``images.py``). The data itself may be in an object store: it is read from a local copy of its
+annotation files, and relative image paths in it point into the store. An ``AmlDatastore://<datastore>/<path>`` reference (Azure's data
 labeling exports, as text or as a stream_info object with a ``resourceIdentifier``) names a
 datastore of the workspace the job runs in: it becomes that workspace's ``azureml://`` URI.
 
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
-from visiontune.data import columnar
+from visiontune.data import columnar, storage
 from visiontune.data.labels import Label, check_task, normalize_label, parse_text_label
 from visiontune.data.mltable import (
     DELIMITED_SUFFIXES, JSON_LINES_SUFFIXES, MLTABLE_FILE, PARQUET_SUFFIXES, TableSpec, local_path,
@@ -45,7 +47,7 @@ IMAGE_SUFFIXES = frozenset({
     ".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
     ".ppm", ".pgm", ".pbm", ".pnm",
 })
-REMOTE_SCHEMES = ("http", "https", "azureml")
+REMOTE_SCHEMES = ("http", "https", "azureml", *storage.OBJECT_SCHEMES)
 # What Azure ML sets in a job: the workspace an AmlDatastore:// reference belongs to.
 WORKSPACE_VARS = ("AZUREML_ARM_SUBSCRIPTION", "AZUREML_ARM_RESOURCEGROUP", "AZUREML_ARM_WORKSPACE_NAME")
 
@@ -128,10 +130,13 @@ def source_path(source: str | Path) -> Path:
     if not text:
         raise DataError("no data given")
     scheme = urlparse(text).scheme.lower()
+    if scheme in storage.OBJECT_SCHEMES:
+        return storage.mirror(text)
     if len(scheme) > 1 and scheme != "file":
         raise DataError(
-            f"{text}: data must be a local folder or file; download or mount {scheme}:// data "
-            "first (image_url values inside the annotations may be URLs)"
+            f"{storage.redact(text)}: data must be a local folder or file, or in an object store "
+            f"({', '.join(s + '://' for s in storage.OBJECT_SCHEMES)}); download or mount "
+            f"{scheme}:// data first (image_url values inside the annotations may be URLs)"
         )
     try:
         return local_path(text, Path.cwd())
@@ -171,9 +176,12 @@ def resolve_image(value: str, base_dir: Path) -> str:
         raise ValueError("empty image reference")
     if len(scheme) > 1 and scheme != "file":  # a single letter is a Windows drive
         raise ValueError(
-            f"image {text!r}: unsupported URI scheme '{scheme}://'; use a local path, file://, "
-            "http(s)://, azureml:// or AmlDatastore://"
+            f"image {storage.redact(text)!r}: unsupported URI scheme '{scheme}://'; use a local "
+            "path, file://, http(s)://, s3://, az://, gs://, azureml:// or AmlDatastore://"
         )
+    remote = storage.remote_folder(base_dir) if not scheme and not os.path.isabs(text) else None
+    if remote:  # the annotations were copied from a store: so are their relative paths
+        return storage.join(remote, text)
     return os.path.abspath(local_path(text, base_dir))
 
 
@@ -216,7 +224,7 @@ def table_rows(
     required = (image_column,) if label_column is None else (image_column, label_column)
     index = -1
     for file in spec.files:
-        display = str(file)
+        display = storage.shown(file)
         if spec.format == "json_lines":
             rows = json_rows(file, spec, display, dropped)
         elif spec.format == "delimited":

@@ -20,6 +20,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from visiontune import malloc
+from visiontune.data.storage import redact
 from visiontune.errors import UserError
 from visiontune.outputs import FolderLock, check_folder, is_visiontune_mlflow_model
 from visiontune.tasks import MULTILABEL
@@ -484,11 +485,13 @@ def _write_outputs(out, trainer, processor, pre, timm, data, values, sources, no
     (out / AUGMENTATIONS_FILE).write_text(json.dumps(augmentations, indent=2, default=str),
                                           encoding="utf-8")
     if data.validation_is_split:
-        # The held-out rows, so that evaluation can be repeated on exactly them.
+        # The held-out rows, so that evaluation can be repeated on exactly them (URLs without
+        # their query string: a SAS token never lands in an output).
         with (out / VALIDATION_SPLIT_FILE).open("w", encoding="utf-8") as fh:
             for r in data.validation:
                 label = list(r.label) if isinstance(r.label, tuple) else r.label
-                fh.write(json.dumps({values["image_column"]: r.image, values["label_column"]: label}) + "\n")
+                fh.write(json.dumps({values["image_column"]: redact(r.image),
+                                     values["label_column"]: label}) + "\n")
     (out / EVAL_RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=float), encoding="utf-8")
     from visiontune.model_card import write_model_card
 
