@@ -7,14 +7,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_TRACKING_URI", "")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The decoded-image cache of this run's datasets goes to a temporary folder, not ~/.cache.
-if "VISIONTUNE_IMAGE_CACHE_DIR" not in os.environ:
-    import atexit
-    import shutil
-    import tempfile
+# The caches of this run (decoded images; downloads, extracted images and check records) go to
+# temporary folders, not ~/.cache.
+for _name in ("VISIONTUNE_IMAGE_CACHE_DIR", "VISIONTUNE_CACHE_DIR"):
+    if _name not in os.environ:
+        import atexit
+        import shutil
+        import tempfile
 
-    os.environ["VISIONTUNE_IMAGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="visiontune-test-cache-")
-    atexit.register(shutil.rmtree, os.environ["VISIONTUNE_IMAGE_CACHE_DIR"], ignore_errors=True)
+        os.environ[_name] = tempfile.mkdtemp(prefix="visiontune-test-cache-")
+        atexit.register(shutil.rmtree, os.environ[_name], ignore_errors=True)
 
 import json
 from pathlib import Path

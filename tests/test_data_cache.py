@@ -302,3 +302,84 @@ def test_fill_is_safe_with_parallel_writers(photo_files, tmp_path):
         entry = caches[0].entry_path(uri)
         assert DecodedImageCache.read(entry) is not None
     assert not list(tmp_path.rglob(".part-*"))
+
+
+def small_jpegs(folder: Path, count: int, start: int = 0) -> list[str]:
+    """Distinct small JPEGs (one cache entry each, of the same size)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(start, start + count):
+        pixels = np.random.default_rng(index).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+        path = folder / f"{index}.jpg"
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+def test_the_size_limit_is_kept_by_evicting_the_least_recently_used(tmp_path, caplog):
+    plan = plan_for(eval_transform(PRE))
+    entry_bytes = 96 * 112 * 3
+    cache = DecodedImageCache(plan, tmp_path / "cache", limit_bytes=10 * (entry_bytes + 128),
+                              first_step=eval_transform(PRE).transforms[0])
+    old = small_jpegs(tmp_path / "img", 6)
+    assert cache.fill(old)[0]["added"] == 6
+    # Last used at different times: the three used longest ago go first.
+    for age, uri in enumerate(old):
+        stamp = time.time() - 3600 * (10 - age)
+        os.utime(cache.entry_path(uri), (stamp, stamp))
+    new = small_jpegs(tmp_path / "img", 6, start=100)
+    with caplog.at_level("INFO", logger="visiontune.data.cache"):
+        stats, present = cache.fill(new)
+    assert stats["added"] == 6 and set(present) == set(new)
+    assert cache.size_bytes() <= cache.limit_bytes
+    kept = [cache.entry_path(uri).is_file() for uri in old]
+    assert kept == [False, False, True, True, True, True]
+    assert "removed 2 least recently used entries" in caplog.text
+
+
+def test_entries_the_current_data_use_are_never_evicted(tmp_path, caplog):
+    """Data larger than the limit: cached up to it (reused entries first), the rest decoded from
+    the source at each use, and one warning says so."""
+    plan = plan_for(eval_transform(PRE))
+    cache = DecodedImageCache(plan, tmp_path / "cache", limit_bytes=4 * (96 * 112 * 3 + 128),
+                              first_step=eval_transform(PRE).transforms[0])
+    images = small_jpegs(tmp_path / "img", 7)
+    assert cache.fill(images[:3])[0]["added"] == 3
+    stale = time.time() - 7200
+    for uri in images[:3]:
+        os.utime(cache.entry_path(uri), (stale, stale))
+    with caplog.at_level("INFO", logger="visiontune.data.cache"):
+        stats, present = cache.fill(images)
+    assert (stats["cached"], stats["added"], stats["over_limit"]) == (3, 1, 3)
+    assert all(uri in present for uri in images[:3])  # reused: used now, not evicted
+    assert "removed" not in caplog.text
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "3 of 7 image(s) not cached" in warnings[0].getMessage()
+    ds = ImageDataset(records([Path(u) for u in images]), ["a", "b"], MULTICLASS,
+                      eval_transform(PRE), image_cache=True, cache_dir=str(tmp_path / "cache"))
+    plain = dataset([Path(u) for u in images], eval_transform(PRE), False, tmp_path)
+    for i in range(len(images)):
+        assert torch.equal(ds[i]["pixel_values"], plain[i]["pixel_values"])
+
+
+def test_remote_images_are_cached_from_their_downloaded_copy(photo_files, tmp_path, monkeypatch):
+    import functools
+    import http.server
+    import threading
+
+    monkeypatch.setenv("VISIONTUNE_CACHE_DIR", str(tmp_path / "downloads"))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                                directory=str(photo_files[0].parent))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{photo_files[0].name}"
+        rows = [Record(url, "a", "rows.jsonl:1")]
+        ds = ImageDataset(rows, ["a", "b"], MULTICLASS, eval_transform(PRE), image_cache=True,
+                          cache_dir=str(tmp_path / "cache"))
+    finally:
+        server.shutdown()
+    assert ds._entries[0] is not None  # filled before training: no fetch or decode per epoch
+    plain = dataset(photo_files[:1], eval_transform(PRE), False, tmp_path)
+    assert torch.equal(ds[0]["pixel_values"], plain[0]["pixel_values"])

@@ -276,3 +276,36 @@ def test_cli_data_check(tmp_path, capsys):
     assert "result: usable" in capsys.readouterr().out
     assert main(["data", "check", "--data", str(tmp_path / "nope"), "--task_name", MC]) == 2
     assert "data not found" in capsys.readouterr().err
+
+
+def test_an_earlier_check_is_reused_only_when_asked_and_only_for_unchanged_images(
+        tmp_path, monkeypatch):
+    import os
+
+    import visiontune.data.prepare as prepare
+
+    monkeypatch.setenv("VISIONTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    root = make_dataset(tmp_path / "d", ["a", "b"] * 4)
+    (root / "images" / "3.png").write_bytes(b"damaged")
+    first, ok = check_data(root, MC)
+    assert not ok and "train.jsonl:4" in first
+    decoded = []
+    real = prepare.verify_image
+
+    def counting(uri, where=""):
+        decoded.append(Path(uri).name)
+        return real(uri, where=where)
+
+    monkeypatch.setattr(prepare, "verify_image", counting)
+    assert check_data(root, MC)[0] == first and len(decoded) == 8  # by default: every image
+    monkeypatch.setenv("VISIONTUNE_REUSE_IMAGE_CHECK", "1")
+    decoded.clear()
+    assert check_data(root, MC)[0] == first and decoded == []  # the damaged one stays bad
+    # A changed file (new bytes, new time) is decoded again; so is one of the same size whose
+    # modification time moved.
+    Image.new("RGB", (12, 9), (1, 2, 3)).save(root / "images" / "3.png")
+    same_size = root / "images" / "5.png"
+    info = same_size.stat()
+    os.utime(same_size, ns=(info.st_atime_ns, info.st_mtime_ns + 10**9))
+    report, ok = check_data(root, MC)
+    assert ok and sorted(decoded) == ["3.png", "5.png"]

@@ -30,8 +30,11 @@ SETTINGS = {s.name: s for s in (
     Setting("VISIONTUNE_IMAGE_CACHE", True, "the decoded-image cache"),
     Setting("VISIONTUNE_IMAGE_CACHE_DIR", None, "where the decoded-image cache is "
                                                 "(default ~/.cache/visiontune/decoded)"),
-    Setting("VISIONTUNE_IMAGE_CACHE_MAX_GB", 20.0, "the decoded-image cache's size limit per folder"),
+    Setting("VISIONTUNE_IMAGE_CACHE_MAX_GB", 20.0, "the decoded-image cache's size limit per "
+                                                   "folder (least recently used entries go first)"),
     Setting("VISIONTUNE_JPEG_DRAFT", True, "reduced-scale JPEG decoding where the transform crops at random"),
+    Setting("VISIONTUNE_REUSE_IMAGE_CHECK", False, "skip decoding the images an earlier check "
+                                                   "saw unchanged (path, size, modification time)"),
     Setting("VISIONTUNE_CACHE_DIR", None, "where downloaded images, and images stored inside "
                                           "data files, are kept (default ~/.cache/visiontune/images)"),
     Setting("VISIONTUNE_SHARED_FOLDER_WAIT_S", 30.0, "how long a process looks for the other nodes' "

@@ -40,7 +40,10 @@ TRANSFORMS = "src/visiontune/data/transforms.py"
 ARGUMENTS = "src/visiontune/training/arguments.py"
 COLUMNAR = "src/visiontune/data/columnar.py"
 STORAGE = "src/visiontune/data/storage.py"
+CHECKED = "src/visiontune/data/checked.py"
 
+T_REUSED_CHECK = ("tests/test_data_prepare.py::test_an_earlier_check_is_reused_only_when_asked_and_"
+                  "only_for_unchanged_images")
 T_FORMAT_BAD_ROWS = "tests/test_data_formats.py::test_bad_rows_in_parquet_are_reported_with_their_row"
 T_RESUME = "tests/test_finetune.py::test_resume_equals_an_uninterrupted_run"
 T_RESUME_MID = "tests/test_finetune.py::test_resume_in_the_middle_of_an_epoch_equals_an_uninterrupted_run[plain]"
@@ -277,6 +280,12 @@ BREAKS: list[Break] = [
           '    return f"$[[{arg}]]" if where == "inputs" and not spec.required else arg',
           "    return arg", (T_COMMAND_PARSES,)),
     # --- data check -----------------------------------------------------------------------
+    Break("earlier-check-reused-unasked", DATA_CHECK, PREPARE,
+          '        known = checked.recall(stamps) if settings.flag("VISIONTUNE_REUSE_IMAGE_CHECK") else {}',
+          "        known = checked.recall(stamps)", (T_REUSED_CHECK,)),
+    Break("changed-image-check-reused", DATA_CHECK, CHECKED,
+          "                    if (size, mtime_ns) == (now_size, now_mtime):",
+          "                    if size == now_size:", (T_REUSED_CHECK,)),
     Break("damaged-jpeg-accepted", DATA_CHECK, IMAGES,
           "        image.load()\n    except OSError as exc:",
           "        pass\n    except OSError as exc:", (T_TRUNCATED,)),

@@ -17,8 +17,15 @@ depends on the dataset's transform, read from its first step:
 An entry is keyed by a hash of the image file's bytes, the very bytes it was decoded from, so
 an edited or replaced file is never served stale, whatever its timestamps say (identical files
 share one entry). Entries are written atomically (temporary file + rename), so parallel writers
-(threads, data-loader workers, distributed ranks) are safe. Only local files are cached. Stale
-entries are not removed; delete the folder to reclaim the space.
+(threads, data-loader workers, distributed ranks) are safe. Local files are cached, and remote
+images (http(s), object stores) through their downloaded copies: filling the cache fetches them,
+in parallel, before training starts.
+
+The folder of a plan keeps its size limit with least-recently-used eviction: a fill marks the
+entries it reuses as used (their modification time) and, when new entries do not fit, removes
+the entries that went unused longest, never one the current data use. Data larger than the
+limit are cached up to it; the rest is decoded from the source at each use (with reduced-scale
+JPEG decoding where the transform crops at random), and one log line says so.
 
 Switches (environment): ``VISIONTUNE_IMAGE_CACHE`` (1/0), ``VISIONTUNE_IMAGE_CACHE_DIR`` (where;
 default ``~/.cache/visiontune/decoded``), ``VISIONTUNE_IMAGE_CACHE_MAX_GB`` (per folder of
@@ -36,11 +43,11 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
-from urllib.parse import urlparse
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -134,6 +141,7 @@ def plan_for(transform: Any) -> CachePlan | None:
 # The header ``np.save`` writes for an entry (format 1.0): magic, version, little-endian header
 # length, then a padded dict literal.
 _NPY_MAGIC = b"\x93NUMPY\x01\x00"
+_NPY_HEADER_BYTES = 128
 _NPY_HEADER = re.compile(
     rb"\{'descr': '\|u1', 'fortran_order': False, 'shape': \((\d+), (\d+), 3\), \} *\n")
 
@@ -162,19 +170,6 @@ def _read_entry(entry: Path) -> np.ndarray | None:
     return loaded
 
 
-def local_file(uri: str) -> Path | None:
-    """The local file of an image URI, or None for URLs and other remote schemes."""
-    from visiontune.data.mltable import local_path
-
-    scheme = urlparse(uri).scheme.lower()
-    if len(scheme) > 1 and scheme != "file":  # one letter is a Windows drive
-        return None
-    try:
-        return local_path(uri, Path.cwd())
-    except ValueError:
-        return None
-
-
 class DecodedImageCache:
     """The entries of one ``CachePlan`` under ``root``. Picklable (paths and numbers only), so
     data-loader workers read the same entries."""
@@ -194,8 +189,8 @@ class DecodedImageCache:
     # time on Windows, and inode numbers are reused. Hashing costs one read of each file when a
     # dataset is built (not per epoch): small next to decoding the file, which it replaces.
     def entry_path(self, uri: str) -> Path | None:
-        """Where the entry of ``uri`` lives; None when it cannot be cached (not a local file, or
-        the file cannot be read: the plain path then reports the problem)."""
+        """Where the entry of ``uri`` lives; None when the image cannot be read (the plain path
+        then reports the problem)."""
         data = _local_bytes(uri)
         return None if data is None else self.entry_for(data)
 
@@ -272,22 +267,34 @@ class DecodedImageCache:
         unique = list(dict.fromkeys(uris))
         if not unique:
             return stats, present
-        budget = _Budget(self)
+        # Entries used from now on are this run's: eviction never removes them.
+        started = time.time() - 2.0  # file systems with coarse timestamps
 
-        def add(uri: str) -> tuple[str, Path | None]:
+        def locate(uri: str) -> tuple[str, Path | None]:
             data = _local_bytes(uri)
             if data is None:
                 return "uncachable", None
             entry = self.entry_for(data)
-            if entry.is_file():
+            try:
+                os.utime(entry)  # used now: the last to go
                 return "cached", entry
+            except FileNotFoundError:
+                return "missing", entry
+            except OSError:
+                return ("cached" if entry.is_file() else "missing"), entry
+
+        def add(uri: str) -> tuple[str, Path | None]:
+            data = _local_bytes(uri)  # read again: the file may have changed since
+            if data is None:
+                return "uncachable", None
+            entry = self.entry_for(data)
             if budget.exhausted():
                 return budget.outcome, None
             try:
                 tensor = self.build(uri, data)
             except Exception:  # DataError and friends: the plain path reports it in context
                 return "failed", None
-            if not budget.take(tensor.numel()):
+            if not budget.take(tensor.numel() + _NPY_HEADER_BYTES):
                 return budget.outcome, None
             try:
                 self.write(entry, tensor)
@@ -299,44 +306,87 @@ class DecodedImageCache:
         if len(unique) > 200:
             log.info("image cache: reading %d image(s), decoding those not yet in %s", len(unique),
                      self.folder)
+        missing = []
         with ThreadPoolExecutor(max_workers=min(workers, len(unique))) as pool:
-            for uri, (outcome, entry) in zip(unique, pool.map(add, unique)):
+            for uri, (outcome, entry) in zip(unique, pool.map(locate, unique)):
+                if outcome == "missing":
+                    missing.append(uri)
+                    continue
+                stats[outcome] += 1
+                if entry is not None:
+                    present[uri] = entry
+            budget = _Budget(self, len(missing), started)
+            for uri, (outcome, entry) in zip(missing, pool.map(add, missing)):
                 stats[outcome] += 1
                 if entry is not None:
                     present[uri] = entry
         if stats["over_limit"]:
-            log.warning("image cache: %d image(s) not cached: %s is at its size limit (%s=%s GB) "
-                        "or the disk is nearly full; they are decoded at each use", stats["over_limit"],
-                        self.folder, ENV_MAX_GB, settings.number(ENV_MAX_GB))
+            log.warning("image cache: %d of %d image(s) not cached: they do not fit in %s "
+                        "(%s=%s GB) beside the ones this data use, or the disk is nearly full; "
+                        "they are decoded from the source at each use", stats["over_limit"],
+                        len(unique), self.folder, ENV_MAX_GB, settings.number(ENV_MAX_GB))
         return stats, present
 
+    def evict(self, nbytes: int, used_since: float) -> int:
+        """Remove the least recently used entries not used since ``used_since`` (a time stamp)
+        until ``nbytes`` are freed or none is left; returns the bytes freed."""
+        candidates = []
+        for entry, info in self._entries():
+            if info.st_mtime < used_since:
+                candidates.append((info.st_mtime, info.st_size, entry))
+        candidates.sort()
+        freed = removed = 0
+        for _, size, entry in candidates:
+            if freed >= nbytes:
+                break
+            try:
+                entry.unlink()
+            except OSError:
+                continue
+            freed += size
+            removed += 1
+        if removed:
+            log.info("image cache: removed %d least recently used entr%s (%.1f MB) from %s to "
+                     "stay within %s=%s GB", removed, "y" if removed == 1 else "ies",
+                     freed / 2**20, self.folder, ENV_MAX_GB, settings.number(ENV_MAX_GB))
+        return freed
+
     def size_bytes(self) -> int:
-        """Bytes held by this plan's entries (walks the folder once per fill)."""
-        total = 0
+        """Bytes held by this plan's entries (walks the folder once per fill that adds)."""
+        return sum(info.st_size for _, info in self._entries())
+
+    def _entries(self) -> Iterator[tuple[Path, os.stat_result]]:
         try:
-            for sub in self.folder.iterdir():
-                if sub.is_dir():
-                    for entry in sub.iterdir():
-                        try:
-                            total += entry.stat().st_size
-                        except OSError:
-                            pass
+            subs = [sub for sub in os.scandir(self.folder) if sub.is_dir()]
         except OSError:
-            pass
-        return total
+            return
+        for sub in subs:
+            try:
+                with os.scandir(sub.path) as files:
+                    for item in files:
+                        if item.name.endswith(".npy") and not item.name.startswith("."):
+                            try:
+                                yield Path(item.path), item.stat()
+                            except OSError:
+                                pass
+            except OSError:
+                pass
 
 
 class _Budget:
     """The bytes a fill may still add, worked out when the first entry is about to be written
-    (a fill that only reuses entries never touches the folder); thread-safe."""
+    (a fill that only reuses entries never touches the folder); thread-safe. When the ``count``
+    new entries (estimated at the first one's size) do not fit under the limit, entries unused
+    since ``used_since`` are evicted first."""
 
-    def __init__(self, cache: DecodedImageCache):
+    def __init__(self, cache: DecodedImageCache, count: int, used_since: float):
         self._cache = cache
+        self._count, self._used_since = count, used_since
         self._left: int | None = None
         self._lock = threading.Lock()
         self.outcome = "over_limit"  # what a refused entry counts as
 
-    def _start(self) -> None:
+    def _start(self, nbytes: int) -> None:
         if self._left is not None:
             return
         folder = self._cache.folder
@@ -347,18 +397,22 @@ class _Budget:
             log.warning("image cache disabled: cannot use %s (%s)", folder, exc)
             self._left, self.outcome = 0, "failed"
             return
-        self._left = min(self._cache.limit_bytes - self._cache.size_bytes(),
-                         free - FREE_SPACE_RESERVE)
+        left = self._cache.limit_bytes - self._cache.size_bytes()
+        wanted = nbytes * self._count
+        if wanted > left and nbytes:
+            left += self._cache.evict(wanted - left, self._used_since)
+        self._left = min(left, free - FREE_SPACE_RESERVE)
 
     def exhausted(self) -> bool:
         with self._lock:
-            self._start()
+            if self._left is None:
+                return False  # decided at the first entry's size
             return self._left <= 0
 
     def take(self, nbytes: int) -> bool:
         """Reserve ``nbytes`` for one entry; False (and nothing more after) when they do not fit."""
         with self._lock:
-            self._start()
+            self._start(nbytes)
             if self._left < nbytes:
                 self._left = 0
                 return False
@@ -367,13 +421,12 @@ class _Budget:
 
 
 def _local_bytes(uri: str) -> bytes | None:
-    """The bytes of a local image file, read as the plain path reads them (regular files only,
-    within the size limit); None for remote URIs and files that cannot be read."""
+    """The bytes of an image, read as the plain path reads them (regular files only, within the
+    size limit; a remote image from its downloaded copy, fetched now if needed); None when they
+    cannot be read."""
     from visiontune.data.images import read_image_bytes
     from visiontune.errors import DataError
 
-    if local_file(uri) is None:
-        return None
     try:
         return read_image_bytes(uri)
     except DataError:

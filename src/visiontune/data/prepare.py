@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from visiontune import settings
+from visiontune.data import checked
 from visiontune.data.images import verify_image
 from visiontune.data.labels import build_classes, check_task
 from visiontune.data.sources import Problem, Record, load_records
@@ -39,7 +41,9 @@ class PreparedData:
 def check_images(
     records: Iterable[Record], max_workers: int | None = None,
 ) -> dict[str, tuple[int, int] | str]:
-    """Decode every distinct image once: uri -> (width, height), or the problem as text.
+    """Decode every distinct image once: uri -> (width, height), or the problem as text. With
+    ``VISIONTUNE_REUSE_IMAGE_CHECK``, images an earlier check saw unchanged are not decoded
+    again (``checked.py``); every result is recorded for such later runs.
 
     Threads, because Pillow releases the GIL while decoding and downloads wait on the network."""
     uris = list(dict.fromkeys(r.image for r in records))
@@ -53,10 +57,16 @@ def check_images(
         except DataError as exc:
             return str(exc)
 
-    if len(uris) > 1000:
-        log.info("checking %d images", len(uris))
     with ThreadPoolExecutor(max_workers=min(workers, len(uris))) as pool:
-        return dict(zip(uris, pool.map(check, uris)))
+        stamps = {u: s for u, s in zip(uris, pool.map(checked.stamp, uris)) if s is not None}
+        known = checked.recall(stamps) if settings.flag("VISIONTUNE_REUSE_IMAGE_CHECK") else {}
+        todo = [u for u in uris if u not in known]
+        if len(uris) > 1000 or known:
+            log.info("checking %d images%s", len(todo), f" ({len(known)} more unchanged since "
+                     "an earlier check: not decoded again)" if known else "")
+        results = dict(zip(todo, pool.map(check, todo)))
+    checked.remember(stamps, results)
+    return {u: known[u] if u in known else results[u] for u in uris}
 
 
 def apply_verification(
