@@ -11,9 +11,10 @@ when the file is given directly), an absolute path, a ``file://`` URI, an ``http
 an object-store URI (``s3://``, ``az://``, ``gs://``: ``storage.py``) or an ``azureml://`` URI.
 Local references become absolute paths; URLs are kept as given and fetched later
 (``images.py``). The data itself may be in an object store: it is read from a local copy of its
-annotation files, and relative image paths in it point into the store. An ``AmlDatastore://<datastore>/<path>`` reference (Azure's data
-labeling exports, as text or as a stream_info object with a ``resourceIdentifier``) names a
-datastore of the workspace the job runs in: it becomes that workspace's ``azureml://`` URI.
+annotation files, and relative image paths in it point into the store. An
+``AmlDatastore://<datastore>/<path>`` reference (Azure's data labeling exports, as text or as a
+stream_info object with a ``resourceIdentifier``) names a datastore of the workspace the job
+runs in: it becomes that workspace's ``azureml://`` URI.
 
 A bad row never disappears: it becomes a Problem with its file and 1-based line, and the caller
 decides whether to stop or skip (``prepare.py``). Only a source that cannot be read at all
