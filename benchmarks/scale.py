@@ -4,6 +4,9 @@ for a fixed number of steps), in fresh processes. See BENCHMARKS.md ("Scale").
 
     python benchmarks/scale.py --sizes 10000,100000,1000000 --root /tmp/vt-scale
 
+With ``--remote N``, the size-N dataset is also uploaded to a local S3 server (moto, as in the
+tests) and fine-tuned from there: the same measures, for a ratio against local files.
+
 Per size: the data check's throughput (images read and decoded per second, whole command)
 and peak memory; the fine-tune's time from start to its first training step, its steady
 training throughput (steps ``--steps``/2 .. ``--steps``), its peak memory (PSS of the process
@@ -27,6 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))  # stores.py: the test suite's local S3 server
 
 from measure import run_measured  # noqa: E402
 
@@ -90,12 +94,30 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
-def measure_size(root: Path, n: int, steps: int, batch: int, model: Path) -> dict:
+def upload(folder: Path, bucket: str) -> str:
+    """The split folder (images and images.jsonl) copied into ``bucket``; its S3 URI."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+    fs.put(str(folder / "images"), f"{bucket}/data/images", recursive=True)
+    fs.put_file(str(folder / "images.jsonl"), f"{bucket}/data/images.jsonl")
+    return f"s3://{bucket}/data/images.jsonl"
+
+
+def measure_size(root: Path, n: int, steps: int, batch: int, model: Path,
+                 remote_env: dict | None = None) -> dict:
     data = write_split(root / f"train-{n}", 0, n) / "images.jsonl"
     validation = write_split(root / "validation", 10_000_000, VALIDATION) / "images.jsonl"
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
-           "VISIONTUNE_IMAGE_CACHE_DIR": str(root / f"decoded-{n}")}
+           "VISIONTUNE_IMAGE_CACHE_DIR": str(root / f"decoded-{n}"),
+           "VISIONTUNE_CACHE_DIR": str(root / f"downloads-{n}")}
     shutil.rmtree(root / f"decoded-{n}", ignore_errors=True)
+    shutil.rmtree(root / f"downloads-{n}", ignore_errors=True)
+    if remote_env is not None:
+        env.update(remote_env)
+        data = upload(data.parent, f"scale-{n}")
     cli = [sys.executable, "-m", "visiontune"]
 
     check = run_measured(cli + ["data", "check", "--data", str(data), "--task_name",
@@ -121,7 +143,7 @@ def measure_size(root: Path, n: int, steps: int, batch: int, model: Path) -> dic
     (t0, s0), (t1, s1) = half[0], half[-1]
     per_step = (t1 - t0) / max(1, s1 - s0)
     return {
-        "images": n,
+        "images": f"{n} (S3)" if remote_env is not None else n,
         "check_images_per_s": round(n / check.wall_s, 1),
         "check_peak_mb": round(check.peak_tree_mb),
         # The first step line comes at step 10: take back the steps before it.
@@ -140,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default="/tmp/vt-scale")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--remote", type=int, help="also train this size from a local S3 server")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     root = Path(args.root)
@@ -154,6 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         results.append(measure_size(root, n, args.steps, args.batch, model))
         print(json.dumps(results[-1]), f"({time.monotonic() - started:.0f} s)", flush=True)
+    if args.remote:
+        from stores import s3_server
+
+        with s3_server(root) as remote_env:
+            os.environ.update(remote_env)
+            results.append(measure_size(root, args.remote, args.steps, args.batch, model,
+                                        remote_env))
+        print(json.dumps(results[-1]), flush=True)
     keys = list(results[0])
     print("| " + " | ".join(keys) + " |")
     print("|" + "---:|" * len(keys))

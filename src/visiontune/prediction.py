@@ -177,8 +177,9 @@ def list_images(source: str | Path, image_column: str = "image_url") -> list[Ite
     from visiontune.data.sources import IMAGE_SUFFIXES, source_path, table_spec
 
     path = source_path(source)
-    if not path.exists():
-        raise DataError(f"--data: not found: {source}")
+    if not (path.is_file() or path.is_dir()):  # a named pipe would block the read forever
+        raise DataError(f"--data {source}: not a regular file or a folder" if path.exists()
+                        else f"--data: not found: {source}")
     if path.is_file() and path.suffix.lower() == ".txt" and not _has_header(path, image_column):
         return _listed_images(path)
     spec = table_spec(path)

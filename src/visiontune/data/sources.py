@@ -79,8 +79,9 @@ def load_records(
     """Every row of ``source`` as a Record, or as a Problem when it cannot be used."""
     check_task(task)
     path = source_path(source)
-    if not path.exists():
-        raise DataError(f"data not found: {source}")
+    if not (path.is_file() or path.is_dir()):  # a named pipe would block the read forever
+        raise DataError(f"{source}: not a regular file or a folder" if path.exists()
+                        else f"data not found: {source}")
     spec = table_spec(path)
     if spec is not None:
         return _read_table(spec, task, image_column, label_column)
@@ -98,7 +99,7 @@ def table_spec(path: Path) -> TableSpec | None:
     """The table a file or folder holds: an MLTable, a JSON Lines, CSV or Parquet file, WebDataset
     shards, a saved Hugging Face dataset, or a folder of Parquet files or of shards (all its files
     of one kind). None for anything else (an image folder tree, an image)."""
-    if path.is_file():
+    if not path.is_dir():
         suffix = path.suffix.lower()
         formats = {**{s: "json_lines" for s in JSON_LINES_SUFFIXES},
                    **{s: "delimited" for s in DELIMITED_SUFFIXES},
