@@ -109,6 +109,7 @@ def upload(folder: Path, bucket: str) -> str:
 def measure_size(root: Path, n: int, steps: int, batch: int, model: Path,
                  remote_env: dict | None = None) -> dict:
     data = write_split(root / f"train-{n}", 0, n) / "images.jsonl"
+    data_mb = round(folder_bytes(data.parent) / 2**20)
     validation = write_split(root / "validation", 10_000_000, VALIDATION) / "images.jsonl"
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "VISIONTUNE_IMAGE_CACHE_DIR": str(root / f"decoded-{n}"),
@@ -151,7 +152,7 @@ def measure_size(root: Path, n: int, steps: int, batch: int, model: Path,
         "train_images_per_s": round(batch / per_step, 1),
         "finetune_peak_mb": round(run.peak_tree_mb),
         "decoded_cache_mb": round(folder_bytes(root / f"decoded-{n}") / 2**20),
-        "data_mb": round(folder_bytes(data.parent) / 2**20),
+        "data_mb": data_mb,
         "finetune_wall_s": round(run.wall_s, 1),
     }
 

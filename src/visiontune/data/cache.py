@@ -36,12 +36,12 @@ augmented training images when the cache is off or full).
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -142,8 +142,28 @@ def plan_for(transform: Any) -> CachePlan | None:
 # length, then a padded dict literal.
 _NPY_MAGIC = b"\x93NUMPY\x01\x00"
 _NPY_HEADER_BYTES = 128
+_HEADERS: dict[tuple, bytes] = {}
 _NPY_HEADER = re.compile(
     rb"\{'descr': '\|u1', 'fortran_order': False, 'shape': \((\d+), (\d+), 3\), \} *\n")
+
+
+def _npy_header(array: np.ndarray) -> bytes:
+    """The header ``np.save`` writes for ``array`` (format 1.0), made once per shape."""
+    header = _HEADERS.get(array.shape)
+    if header is None:
+        buffer = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buffer,
+                                             np.lib.format.header_data_from_array_1_0(array))
+        header = _HEADERS[array.shape] = buffer.getvalue()
+    return header
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def _read_entry(entry: Path) -> np.ndarray | None:
@@ -179,6 +199,7 @@ class DecodedImageCache:
         self.plan = plan
         self.folder = Path(root if root is not None else cache_root()) / plan.folder_name()
         self.limit_bytes = max_bytes() if limit_bytes is None else int(limit_bytes)
+        self._folders: set[Path] = set()  # the entry folders known to exist
         # The exact plan stores the output of this step (the transform's own Resize).
         self.first_step = first_step
 
@@ -241,16 +262,21 @@ class DecodedImageCache:
                         antialias=True)
 
     def write(self, entry: Path, tensor) -> int:
-        """Store a CHW uint8 tensor atomically; returns the bytes written."""
+        """Store a CHW uint8 tensor atomically, as the bytes ``np.save`` writes; returns the
+        bytes written. A name unique to the process and thread stands in for ``mkstemp``, and
+        the header is made once per shape: for small images these were most of the cost."""
         array = np.ascontiguousarray(tensor.permute(1, 2, 0).numpy())
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".part-", suffix=".npy")
+        if entry.parent not in self._folders:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            self._folders.add(entry.parent)
+        tmp = entry.with_name(f".part-{os.getpid()}-{threading.get_ident()}-{entry.name}")
         try:
-            with os.fdopen(fd, "wb") as out:
-                np.save(out, array, allow_pickle=False)
+            with open(tmp, "wb") as out:
+                out.write(_npy_header(array))
+                out.write(array.data)
             os.replace(tmp, entry)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         return array.nbytes
 
@@ -302,7 +328,9 @@ class DecodedImageCache:
                 return "failed", None
             return "added", entry
 
-        workers = workers or max(1, min(8, os.cpu_count() or 1))
+        # One thread a core: more only contend for the GIL (small images) or the cores
+        # (large ones), measured in BENCHMARKS.md ("Scale").
+        workers = workers or cpu_cores()
         if len(unique) > 200:
             log.info("image cache: reading %d image(s), decoding those not yet in %s", len(unique),
                      self.folder)

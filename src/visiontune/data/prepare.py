@@ -9,7 +9,6 @@ stop, because no amount of skipping fixes them.
 from __future__ import annotations
 
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Iterable
 
 from visiontune import settings
 from visiontune.data import checked
+from visiontune.data.cache import cpu_cores
 from visiontune.data.images import verify_image
 from visiontune.data.labels import build_classes, check_task
 from visiontune.data.sources import Problem, Record, load_records
@@ -49,7 +49,6 @@ def check_images(
     uris = list(dict.fromkeys(r.image for r in records))
     if not uris:
         return {}
-    workers = max_workers or min(32, (os.cpu_count() or 1) * 4)
 
     def check(uri: str) -> tuple[int, int] | str:
         try:
@@ -57,8 +56,11 @@ def check_images(
         except DataError as exc:
             return str(exc)
 
+    stamps = {u: s for u in uris if (s := checked.stamp(u)) is not None}  # a stat: no threads
+    # One thread a core for local files (more only contend: BENCHMARKS.md, "Scale"); four a
+    # core when images come over the network (no stamp), where threads mostly wait.
+    workers = max_workers or min(32, cpu_cores() * (4 if len(stamps) < len(uris) else 1))
     with ThreadPoolExecutor(max_workers=min(workers, len(uris))) as pool:
-        stamps = {u: s for u, s in zip(uris, pool.map(checked.stamp, uris)) if s is not None}
         known = checked.recall(stamps) if settings.flag("VISIONTUNE_REUSE_IMAGE_CHECK") else {}
         todo = [u for u in uris if u not in known]
         if len(uris) > 1000 or known:
