@@ -5,7 +5,11 @@ for a fixed number of steps), in fresh processes. See BENCHMARKS.md ("Scale").
     python benchmarks/scale.py --sizes 10000,100000,1000000 --root /tmp/vt-scale
 
 With ``--remote N``, the size-N dataset is also uploaded to a local S3 server (moto, as in the
-tests) and fine-tuned from there: the same measures, for a ratio against local files.
+tests) and fine-tuned from there: the same measures, for a ratio against local files. With
+``--uncached N``, the size-N dataset is fine-tuned again with the decoded-image cache limited
+to a tenth of what it needs, so that most images are decoded from their files at each use.
+With ``--again N``, the size-N dataset is measured once more with the caches the first
+measurement left and ``VISIONTUNE_REUSE_IMAGE_CHECK=1``: a user's second run.
 
 Per size: the data check's throughput (images read and decoded per second, whole command)
 and peak memory; the fine-tune's time from start to its first training step, its steady
@@ -106,24 +110,43 @@ def upload(folder: Path, bucket: str) -> str:
     return f"s3://{bucket}/data/images.jsonl"
 
 
+def seconds_per_step(metrics: Path, first: int, last: int) -> float:
+    """Training time per step between two logged steps, from the training log's own clock
+    (the evaluation and saving at the last step come after its line)."""
+    elapsed = {}
+    for line in metrics.read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            elapsed.setdefault(row["step"], row["elapsed_s"])
+    return (elapsed[last] - elapsed[first]) / (last - first)
+
+
 def measure_size(root: Path, n: int, steps: int, batch: int, model: Path,
-                 remote_env: dict | None = None) -> dict:
+                 remote_env: dict | None = None, cache_gb: float | None = None,
+                 again: bool = False) -> dict:
     data = write_split(root / f"train-{n}", 0, n) / "images.jsonl"
     data_mb = round(folder_bytes(data.parent) / 2**20)
     validation = write_split(root / "validation", 10_000_000, VALIDATION) / "images.jsonl"
     env = {**os.environ, "HF_HUB_OFFLINE": "1",
            "VISIONTUNE_IMAGE_CACHE_DIR": str(root / f"decoded-{n}"),
            "VISIONTUNE_CACHE_DIR": str(root / f"downloads-{n}")}
-    shutil.rmtree(root / f"decoded-{n}", ignore_errors=True)
-    shutil.rmtree(root / f"downloads-{n}", ignore_errors=True)
+    if again:
+        env["VISIONTUNE_REUSE_IMAGE_CHECK"] = "1"
+    else:
+        shutil.rmtree(root / f"decoded-{n}", ignore_errors=True)
+        shutil.rmtree(root / f"downloads-{n}", ignore_errors=True)
     if remote_env is not None:
         env.update(remote_env)
         data = upload(data.parent, f"scale-{n}")
+    if cache_gb is not None:
+        env["VISIONTUNE_IMAGE_CACHE_MAX_GB"] = str(cache_gb)
     cli = [sys.executable, "-m", "visiontune"]
 
     check = run_measured(cli + ["data", "check", "--data", str(data), "--task_name",
                                 "image-classification"], root / f"check-{n}.log", env=env)
-    out = root / f"out-{n}"
+    out = root / (f"out-{n}-s3" if remote_env is not None else
+                  f"out-{n}-uncached" if cache_gb is not None else
+                  f"out-{n}-again" if again else f"out-{n}")
     shutil.rmtree(out, ignore_errors=True)
     run = run_measured(cli + [
         "finetune", "--model_path", str(model), "--training_data", str(data),
@@ -138,13 +161,13 @@ def measure_size(root: Path, n: int, steps: int, batch: int, model: Path,
     if check.returncode != 0 or run.returncode != 0:
         raise SystemExit(f"size {n}: a command failed; see {root}/check-{n}.log and "
                          f"{root}/finetune-{n}.log")
-    stamps = [(t, int(m[1])) for t, line in run.lines if (m := STEP_LINE.search(line))]
-    first_t, first_step = stamps[0]
-    half = [(t, s) for t, s in stamps if s >= steps // 2]
-    (t0, s0), (t1, s1) = half[0], half[-1]
-    per_step = (t1 - t0) / max(1, s1 - s0)
+    first_t, first_step = next((t, int(m[1])) for t, line in run.lines
+                               if (m := STEP_LINE.search(line)))
+    per_step = seconds_per_step(out / "metrics.jsonl", steps // 2, steps)
     return {
-        "images": f"{n} (S3)" if remote_env is not None else n,
+        "images": (f"{n} (S3)" if remote_env is not None
+                   else f"{n} (cache {cache_gb:.3g} GB)" if cache_gb is not None
+                   else f"{n} (again)" if again else n),
         "check_images_per_s": round(n / check.wall_s, 1),
         "check_peak_mb": round(check.peak_tree_mb),
         # The first step line comes at step 10: take back the steps before it.
@@ -164,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--remote", type=int, help="also train this size from a local S3 server")
+    parser.add_argument("--uncached", type=int,
+                        help="also train this size with the cache limited to a tenth of it")
+    parser.add_argument("--again", type=int,
+                        help="also measure this size again, with its caches and the check reused")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     root = Path(args.root)
@@ -185,6 +212,15 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.update(remote_env)
             results.append(measure_size(root, args.remote, args.steps, args.batch, model,
                                         remote_env))
+        print(json.dumps(results[-1]), flush=True)
+    if args.uncached:
+        # A shrink-plan entry of a 32 px image holds 32*32*3 bytes and a 128-byte header.
+        tenth = args.uncached * (SIDE * SIDE * 3 + 128) / 10 / 2**30
+        results.append(measure_size(root, args.uncached, args.steps, args.batch, model,
+                                    cache_gb=tenth))
+        print(json.dumps(results[-1]), flush=True)
+    if args.again:
+        results.append(measure_size(root, args.again, args.steps, args.batch, model, again=True))
         print(json.dumps(results[-1]), flush=True)
     keys = list(results[0])
     print("| " + " | ".join(keys) + " |")

@@ -106,6 +106,29 @@ def test_a_data_folder_in_s3_with_relative_image_paths(stores, digits):
            f"s3://{BUCKET}/train/images/missing.png" in report
 
 
+def test_mltable_paths_in_stores_as_file_folder_and_pattern(stores, digits, tmp_path):
+    """A local MLTable whose annotation files are in the stores; their image URIs absolute."""
+    rows = []
+    for path, label in digits:
+        stores["s3"].put_file(path, f"{BUCKET}/shared/{Path(path).name}")
+        rows.append(json.dumps({"image_url": f"s3://{BUCKET}/shared/{Path(path).name}",
+                                "label": label}) + "\n")
+    stores["s3"].pipe(f"{BUCKET}/parts/a.jsonl", "".join(rows[:4]).encode())
+    stores["s3"].pipe(f"{BUCKET}/parts/b.jsonl", "".join(rows[4:8]).encode())
+    stores["s3"].pipe(f"{BUCKET}/parts/notes.txt", b"not annotations")
+    stores["az"].pipe(f"{CONTAINER}/more/c.jsonl", "".join(rows[8:]).encode())
+    (tmp_path / "MLTable").write_text(
+        f"paths:\n  - pattern: s3://{BUCKET}/parts/*.jsonl\n"
+        f"  - folder: az://{CONTAINER}/more\ntransformations:\n  - read_json_lines: {{}}\n")
+    records, problems = load_records(tmp_path, MC)
+    assert problems == [] and len(records) == len(digits)
+    assert [r.image for r in records] == [json.loads(r)["image_url"] for r in rows]
+    assert records[5].where == f"s3://{BUCKET}/parts/b.jsonl:2"
+    (tmp_path / "MLTable").write_text(f"paths:\n  - pattern: s3://{BUCKET}/nothing/*.jsonl\n")
+    with pytest.raises(DataError, match="matches no files"):
+        load_records(tmp_path, MC)
+
+
 def test_a_parquet_file_with_embedded_images_in_blob_storage(stores, digits):
     frame = pd.DataFrame({"image": [Path(p).read_bytes() for p, _ in digits],
                           "label": [label for _, label in digits]})

@@ -352,7 +352,8 @@ class DecodedImageCache:
             log.warning("image cache: %d of %d image(s) not cached: they do not fit in %s "
                         "(%s=%s GB) beside the ones this data use, or the disk is nearly full; "
                         "they are decoded from the source at each use", stats["over_limit"],
-                        len(unique), self.folder, ENV_MAX_GB, settings.number(ENV_MAX_GB))
+                        len(unique), self.folder, ENV_MAX_GB,
+                        f"{settings.number(ENV_MAX_GB):.3g}")
         return stats, present
 
     def evict(self, nbytes: int, used_since: float) -> int:
@@ -376,7 +377,7 @@ class DecodedImageCache:
         if removed:
             log.info("image cache: removed %d least recently used entr%s (%.1f MB) from %s to "
                      "stay within %s=%s GB", removed, "y" if removed == 1 else "ies",
-                     freed / 2**20, self.folder, ENV_MAX_GB, settings.number(ENV_MAX_GB))
+                     freed / 2**20, self.folder, ENV_MAX_GB, f"{settings.number(ENV_MAX_GB):.3g}")
         return freed
 
     def size_bytes(self) -> int:

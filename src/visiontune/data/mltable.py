@@ -138,12 +138,18 @@ def _resolve_paths(entries: Any, base_dir: Path, where: str) -> list[tuple[Path,
         kind = next(k for k in ("file", "folder", "pattern") if k in entry)
         value = str(entry[kind])
         remote = _is_remote(value)
-        if remote and not (storage.is_object_uri(value) and kind != "pattern"):
+        if remote and not storage.is_object_uri(value):
             raise DataError(
                 f"{where}: {kind} {storage.redact(value)!r} is remote; visiontune reads annotation "
-                "files from local paths or, as file or folder entries, from s3://, az:// and gs:// "
-                "(download the data first, e.g. with azcopy or the Azure ML studio)"
+                "files from local paths and from s3://, az:// and gs:// (download the data "
+                "first, e.g. with azcopy or the Azure ML studio)"
             )
+        if remote and kind == "pattern":
+            found = storage.mirror_pattern(value)
+            if not found:
+                raise DataError(f"{where}: pattern {value!r} matches no files")
+            files.extend((p, False) for p in found if p.name != MLTABLE_FILE)
+            continue
         try:
             path = storage.mirror(value) if remote else local_path(value, base_dir)
         except ValueError as exc:

@@ -138,6 +138,17 @@ def mirror(uri: str) -> Path:
     return target / path.rsplit("/", 1)[-1] if is_file else target
 
 
+def mirror_pattern(uri: str) -> list[Path]:
+    """Local copies of the files a glob pattern in a store matches (``**`` allowed), each
+    fetched as ``mirror`` fetches a file; sorted by their URIs."""
+    fs, pattern = filesystem(uri)
+    try:
+        matches = sorted(p for p in fs.glob(pattern) if fs.isfile(p))
+    except Exception as exc:
+        raise DataError(f"cannot list {redact(uri)}: {_reason(exc)}") from None
+    return [mirror(f"{scheme_of(uri)}://{p}") for p in matches]
+
+
 def _fetch(fs: Any, remote: str, info: dict, local: Path, uri: str) -> None:
     version = json.dumps([str(info.get(k)) for k in _VERSION_KEYS], sort_keys=True)
     stamp = local.with_name(f".{local.name}.version")
