@@ -19,8 +19,6 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
-from visiontune.data.storage import scheme_of
-
 log = logging.getLogger(__name__)
 
 FILE = "checked-images.sqlite3"
@@ -32,10 +30,10 @@ Result = tuple[int, int] | str
 def stamp(uri: str) -> Stamp | None:
     """The identity of a local image file as a check saw it; None for remote images and files
     that cannot be read (the check reports those)."""
-    scheme = scheme_of(uri)
-    if len(scheme) > 1 and scheme != "file":
+    from visiontune.data.mltable import is_remote, local_path
+
+    if is_remote(uri):
         return None
-    from visiontune.data.mltable import local_path
 
     try:
         path = os.path.abspath(local_path(uri, Path.cwd()))

@@ -82,7 +82,7 @@ class Embedded:
         key = hashlib.sha256(
             f"{source.resolve()}\0{info.st_size}\0{info.st_mtime_ns}".encode()).hexdigest()[:20]
         self.folder = embedded_root() / f"{source.stem[:40]}-{key}"
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self._made = False  # the folder is made by the first image: files of paths need none
 
     def write(self, name: str, data: bytes) -> str:
         """The path of ``data`` saved as ``name``: written atomically unless already there
@@ -93,6 +93,9 @@ class Embedded:
                 return str(path)
         except FileNotFoundError:
             pass
+        if not self._made:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._made = True
         temporary = path.with_name(f".{name}.{os.getpid()}.tmp")
         temporary.write_bytes(data)
         os.replace(temporary, path)
@@ -102,18 +105,18 @@ class Embedded:
 # ---------------------------------------------------------------------------------------------
 # Features: Hugging Face's description of the columns
 # ---------------------------------------------------------------------------------------------
-def _class_names(feature: Any) -> tuple[list[str] | None, bool]:
-    """(ClassLabel names or None, whether the column is a list of labels)."""
+def _class_names(feature: Any) -> list[str] | None:
+    """The ClassLabel names of a column, or of the items of a list column; None otherwise."""
     if not isinstance(feature, dict):
         if isinstance(feature, list) and feature:  # datasets writes [feature] for lists too
-            return _class_names(feature[0])[0], True
-        return None, False
+            return _class_names(feature[0])
+        return None
     kind = feature.get("_type")
     if kind == "ClassLabel":
-        return [str(n) for n in feature.get("names") or []] or None, False
+        return [str(n) for n in feature.get("names") or []] or None
     if kind in ("Sequence", "List", "LargeList"):
-        return _class_names(feature.get("feature"))[0], True
-    return None, False
+        return _class_names(feature.get("feature"))
+    return None
 
 
 def _is_image_feature(feature: Any) -> bool:
@@ -157,7 +160,7 @@ def choose_columns(
             image = typed[0]
             log.info("%s: images read from column %r (its only image column)", where, image)
     if label is not None and label not in names and label_column == DEFAULT_LABEL_COLUMN:
-        typed = [n for n in names if _class_names(features.get(n))[0]]
+        typed = [n for n in names if _class_names(features.get(n))]
         if len(typed) == 1:
             label = typed[0]
             log.info("%s: labels read from column %r (its only ClassLabel column)", where, label)
@@ -243,7 +246,7 @@ def parquet_rows(file: Path, display: str, image_column: str, label_column: str 
     features = parquet_features(reader.schema_arrow)
     image, label = choose_columns(reader.schema_arrow, features, image_column, label_column,
                                   display)
-    names = _class_names(features.get(label))[0]
+    names = _class_names(features.get(label))
     batches = reader.iter_batches(batch_size=BATCH_ROWS, columns=_wanted(image, label))
     yield from _table_rows(batches, display, image, label, names, Embedded(file), image_column,
                            label_column)
@@ -308,7 +311,7 @@ def arrow_rows(file: Path, display: str, features: dict[str, Any], image_column:
             from None
     features = features or parquet_features(reader.schema)
     image, label = choose_columns(reader.schema, features, image_column, label_column, display)
-    names = _class_names(features.get(label))[0]
+    names = _class_names(features.get(label))
     batches = (batch.select(_wanted(image, label)) for batch in reader)
     yield from _table_rows(batches, display, image, label, names, Embedded(file), image_column,
                            label_column)

@@ -111,7 +111,7 @@ def local_path(text: str, base_dir: Path) -> Path:
     return path if path.is_absolute() else base_dir / path
 
 
-def _is_remote(text: str) -> bool:
+def is_remote(text: str) -> bool:
     scheme = urlparse(text).scheme.lower()
     return len(scheme) > 1 and scheme != "file"  # one letter would be a Windows drive
 
@@ -137,7 +137,7 @@ def _resolve_paths(entries: Any, base_dir: Path, where: str) -> list[tuple[Path,
             )
         kind = next(k for k in ("file", "folder", "pattern") if k in entry)
         value = str(entry[kind])
-        remote = _is_remote(value)
+        remote = is_remote(value)
         if remote and not storage.is_object_uri(value):
             raise DataError(
                 f"{where}: {kind} {storage.redact(value)!r} is remote; visiontune reads annotation "

@@ -36,8 +36,8 @@ from urllib.parse import urlparse
 from visiontune.data import columnar, storage
 from visiontune.data.labels import Label, check_task, normalize_label, parse_text_label
 from visiontune.data.mltable import (
-    DELIMITED_SUFFIXES, JSON_LINES_SUFFIXES, MLTABLE_FILE, PARQUET_SUFFIXES, TableSpec, local_path,
-    read_mltable,
+    DELIMITED_SUFFIXES, FORMAT_SUFFIXES, JSON_LINES_SUFFIXES, MLTABLE_FILE, PARQUET_SUFFIXES,
+    TableSpec, local_path, read_mltable,
 )
 from visiontune.errors import DataError
 from visiontune.tasks import MULTICLASS
@@ -101,10 +101,9 @@ def table_spec(path: Path) -> TableSpec | None:
     of one kind). None for anything else (an image folder tree, an image)."""
     if not path.is_dir():
         suffix = path.suffix.lower()
-        formats = {**{s: "json_lines" for s in JSON_LINES_SUFFIXES},
-                   **{s: "delimited" for s in DELIMITED_SUFFIXES},
-                   **{s: "parquet" for s in PARQUET_SUFFIXES},
-                   **{s: "shards" for s in columnar.SHARD_SUFFIXES}}
+        formats = {s: fmt for fmt, suffixes in (*FORMAT_SUFFIXES.items(),
+                                                ("shards", columnar.SHARD_SUFFIXES))
+                   for s in suffixes}
         if path.name == MLTABLE_FILE:
             return read_mltable(path.parent)
         if suffix not in formats:

@@ -36,10 +36,6 @@ OBJECT_SCHEMES = {"s3": "s3fs", "s3a": "s3fs", "az": "adlfs", "abfs": "adlfs", "
 ORIGIN = ".origin"  # in a mirrored source's folder: the store folder it copies
 # Store metadata that changes when an object does.
 _VERSION_KEYS = ("ETag", "etag", "LastModified", "last_modified", "mtime", "size")
-# Files a remote data folder is mirrored for; images stay where they are.
-_TABLE_NAMES = ("MLTable",)
-_TABLE_SUFFIXES = (".jsonl", ".json", ".jsonlines", ".ndjson", ".csv", ".tsv", ".txt", ".parquet",
-                   ".parq", ".tar", ".arrow", ".yaml", ".yml")
 
 
 def scheme_of(uri: str) -> str:
@@ -111,8 +107,13 @@ def mirror(uri: str) -> Path:
     Parquet, shards, Arrow) below it, never its images. The copy lives under the cache folder,
     keyed by the URI; a file is fetched again when the store's version of it (ETag, modification
     time or size) changes. ``remote_folder`` maps the copy back to the store."""
+    from visiontune.data.columnar import SHARD_SUFFIXES
     from visiontune.data.images import cache_dir
+    from visiontune.data.mltable import FORMAT_SUFFIXES, MLTABLE_FILE
 
+    # What the readers read (a saved dataset's Arrow files too); images stay where they are.
+    tables = (*(s for suffixes in FORMAT_SUFFIXES.values() for s in suffixes), *SHARD_SUFFIXES,
+              ".arrow")
     fs, path = filesystem(uri)
     try:
         is_file = fs.isfile(path)
@@ -122,8 +123,8 @@ def mirror(uri: str) -> Path:
         elif fs.isdir(path):
             root = path.rstrip("/")
             files = {f: info for f, info in fs.find(root, detail=True).items()
-                     if f.rsplit("/", 1)[-1] in _TABLE_NAMES
-                     or os.path.splitext(f)[1].lower() in _TABLE_SUFFIXES}
+                     if f.rsplit("/", 1)[-1] == MLTABLE_FILE
+                     or os.path.splitext(f)[1].lower() in tables}
         else:
             raise DataError(f"data not found: {redact(uri)}")
     except DataError:
