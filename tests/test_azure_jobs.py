@@ -363,14 +363,44 @@ def test_finetune_job_multiclass_with_azure_s_defaults(mc_job, imported):
     assert "--number_of_workers 8" in mc_job.command and "--precision 32" in mc_job.command
     args = json.loads((out / "finetune_args.json").read_text())
     assert args["values"]["number_of_workers"] <= (os.cpu_count() or 1)
-    # The job's MLflow variables: azureml:// needs a plugin the environment does not have, so
-    # tracking is off with one line and the run goes on.
+    # The job's MLflow variables: the environment's azureml-mlflow takes the azureml:// URI;
+    # the workspace cannot be reached from here, so one warning line, no credential chain, and
+    # the run goes on.
     env = mc_job.env[0]
     assert env["MLFLOW_TRACKING_URI"].startswith("azureml://") and env["MLFLOW_RUN_ID"]
     assert "RANK" in env and env["WORLD_SIZE"] == "1" and "LOCAL_WORLD_SIZE" not in env
-    assert "MLflow tracking is off" in mc_job.log
+    assert "metrics go to MLflow tracking at azureml://westeurope.api.azureml.ms" in mc_job.log
+    failed = [line for line in mc_job.log.splitlines() if "MLflow tracking failed" in line]
+    assert len(failed) == 1, mc_job.log
+    assert "Attempted credentials" not in mc_job.log and "get_token failed" not in mc_job.log
     # The input model was read where it was mounted, read-only.
     assert mc_job.inputs["model_path"] != str(imported)
+
+
+@pytest.mark.slow
+@JOB_TIMEOUT
+def test_azureml_image_paths_are_read_through_azureml_fsspec(environment, imported, data, tmp_path):
+    """An MLTable as Azure's notebooks write it, with azureml:// image paths: the environment's
+    azureml-fsspec reads them with the job's identity. None can be had here, so each image is a
+    bad row with the store's reason in one line, and the job stops before training."""
+    train, val, _ = data[MC]
+    store = (f"azureml://subscriptions/{AJ.SUBSCRIPTION}/resourcegroups/{AJ.RESOURCE_GROUP}/"
+             f"workspaces/{AJ.WORKSPACE}/datastores/workspaceblobstore/paths/fridge")
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    rows = [json.loads(line) for line in (train / "images.jsonl").read_text().splitlines()]
+    (remote / "images.jsonl").write_text("".join(
+        json.dumps({**row, "image_url": f"{store}/{row['image_url']}"}) + "\n" for row in rows))
+    (remote / "MLTable").write_text((train / "MLTable").read_text())
+    result = AJ.run_command_job(
+        FINETUNE, {"model_path": imported, "training_data": remote, "validation_data": val,
+                   "task_name": MC, **QUICK},
+        environment=environment, work_dir=tmp_path / "job", extra_env=JOB_ENV, timeout=600)
+    assert result.returncode != 0
+    assert f"cannot read {store}/images/0000" in result.log, result.log
+    assert "Traceback" not in result.log and "Attempted credentials" not in result.log, result.log
+    assert "pip install azureml-fsspec" not in result.log  # the package is there and was used
+    assert not (result.outputs["output_dir_pytorch"] / "model.safetensors").exists()
 
 
 @pytest.mark.slow

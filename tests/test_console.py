@@ -113,3 +113,31 @@ def test_plain_progress_lines_and_results(run):
     assert "new classification head: 2 classes (checkpoint had 3)" in run.stderr
     for line in ("[3/4] fine-tuning", "validation metrics of the best model:", "evaluation report:"):
         assert line in run.stdout
+
+
+def test_silenced_blocks_overlapping_in_threads_keep_the_loggers_silent_until_the_last_leaves():
+    """Images are read in threads: one block leaving must not let another's records through."""
+    import logging
+    import threading
+
+    from visiontune.console import silenced
+
+    logger = logging.getLogger("azure.identity")
+    first_in, second_left = threading.Event(), threading.Event()
+    seen = []
+
+    def first():
+        with silenced(("azure",)):
+            first_in.set()
+            second_left.wait(10)
+            seen.append(logger.isEnabledFor(logging.CRITICAL))
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    first_in.wait(10)
+    with silenced(("azure",)):
+        pass
+    second_left.set()
+    thread.join(10)
+    assert seen == [False]
+    assert logging.getLogger("azure").level == logging.NOTSET and logger.isEnabledFor(logging.WARNING)

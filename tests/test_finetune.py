@@ -411,3 +411,29 @@ def test_metrics_go_to_mlflow_tracking_when_configured(tiny_vit, digits, tmp_pat
     experiment = client.get_experiment_by_name("visiontune-test")
     runs = client.search_runs([experiment.experiment_id])
     assert runs and "eval_accuracy" in runs[0].data.metrics
+
+
+def test_a_tracking_plugin_s_own_log_lines_give_way_to_one_warning(monkeypatch, caplog):
+    """azureml-mlflow and the Azure identity chain log each credential they try before they
+    raise: the run shows one warning instead, and the loggers keep their levels afterwards."""
+    import logging
+
+    from transformers.integrations.integration_utils import MLflowCallback
+
+    from visiontune.training.tracking import tracking_callback
+
+    def failing_setup(self, args, state, model):
+        logging.getLogger("azure.identity").error("InteractiveBrowserCredential.get_token failed")
+        logging.getLogger("azureml.mlflow").warning("unable to load cloud metadata")
+        raise RuntimeError("ChainedTokenCredential failed to retrieve a token\nAttempted credentials: ...")
+
+    monkeypatch.setattr(MLflowCallback, "setup", failing_setup)
+    callback = tracking_callback()
+    with caplog.at_level("DEBUG"):
+        callback.setup(None, None, None)
+        callback.setup(None, None, None)  # off after the first failure: no second warning
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and messages[0].startswith("MLflow tracking failed (RuntimeError: "
+                                                         "ChainedTokenCredential failed"), messages
+    assert "Attempted credentials" not in messages[0]
+    assert logging.getLogger("azure").level == logging.NOTSET

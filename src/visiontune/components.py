@@ -158,8 +158,9 @@ def command_line(component: Component) -> str:
 
 
 # What every input of the components needs besides the runtime: apply_ort the ONNX stack,
-# apply_deepspeed DeepSpeed (pure Python at install; it compiles its ops when first used).
-ENVIRONMENT_EXTRAS = ("onnx", "deepspeed")
+# apply_deepspeed DeepSpeed (pure Python at install; it compiles its ops when first used), the
+# job's tracking URI and azureml:// data the azureml and azure extras.
+ENVIRONMENT_EXTRAS = ("onnx", "deepspeed", "azure", "azureml")
 
 
 def requirements(extras: tuple[str, ...] = ()) -> list[str]:

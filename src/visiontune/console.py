@@ -11,10 +11,12 @@ there (training/callbacks.py), progress bars only on a terminal.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import sys
+import threading
 import warnings
 
 LEVEL_ENV = "VISIONTUNE_LOG_LEVEL"
@@ -30,6 +32,10 @@ QUIET_LIBRARIES = ("mlflow",)
 # library, not about the run. transformers: the load report of the weights (visiontune says
 # what happened to the head); the checkpoint's label count, which visiontune replaces.
 NOISE = (("transformers", "LOAD REPORT"), ("transformers", "incompatible to the `id2label`"))
+# The Azure SDKs behind azureml:// (azureml-mlflow, azureml-fsspec, azure-identity) log each
+# credential they try, at WARNING and ERROR, before they raise; visiontune reports the failure
+# once instead (``silenced``).
+AZURE_LIBRARIES = ("azure", "azureml", "msal", "urllib3")
 _LIBRARY_FILE = re.compile(r"[/\\](?:site|dist)-packages[/\\]([A-Za-z0-9_]+)[/\\]")
 
 
@@ -168,3 +174,29 @@ def route_transformers() -> None:
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()
     hf_logging.disable_progress_bar()
+
+
+_silencing = threading.Lock()
+_silenced: dict[str, tuple[int, int]] = {}  # logger name -> (blocks inside, level before)
+
+
+@contextlib.contextmanager
+def silenced(names: tuple[str, ...]):
+    """No records at all from the loggers ``names`` (and below) while the block runs: for
+    libraries that log what they try before raising, where the caller reports the failure.
+    Blocks may overlap across threads: the last one to leave restores the levels."""
+    with _silencing:
+        for name in names:
+            depth, level = _silenced.get(name, (0, logging.getLogger(name).level))
+            _silenced[name] = (depth + 1, level)
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        with _silencing:
+            for name in names:
+                depth, level = _silenced.pop(name)
+                if depth > 1:
+                    _silenced[name] = (depth - 1, level)
+                else:
+                    logging.getLogger(name).setLevel(level)

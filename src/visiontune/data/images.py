@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from visiontune.data import storage
+from visiontune.console import AZURE_LIBRARIES, silenced
 from visiontune.data.mltable import local_path
 from visiontune.errors import DataError
 
@@ -240,12 +241,12 @@ def _read_azureml(uri: str, limit: int) -> bytes:
             "use local paths"
         ) from None
     try:
-        with fsspec.open(uri, "rb") as handle:
+        with silenced(AZURE_LIBRARIES), fsspec.open(uri, "rb") as handle:
             return read_at_most(handle.read, limit, uri)
     except DataError:
         raise
     except Exception as exc:  # the filesystem raises many kinds; the message is what counts
-        raise DataError(f"cannot read {uri}: {exc}") from None
+        raise DataError(f"cannot read {uri}: {storage.reason(exc)}") from None
 
 
 def _open_sized(

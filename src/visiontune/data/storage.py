@@ -66,11 +66,13 @@ def filesystem(uri: str) -> tuple[Any, str]:
         raise DataError(f"cannot read {redact(uri)}: {scheme_of(uri)}:// needs the {package} "
                         f"package (pip install {package})") from None
     except Exception as exc:  # bad credentials configuration, a malformed URI
-        raise DataError(f"cannot read {redact(uri)}: {_reason(exc)}") from None
+        raise DataError(f"cannot read {redact(uri)}: {reason(exc)}") from None
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+def reason(exc: BaseException) -> str:
+    """The first line of an error from a store's library (some hold escaped newlines), with
+    any URI redacted."""
+    text = str(exc).replace("\\n", "\n").splitlines()[0] if str(exc) else type(exc).__name__
     return redact(text) if "://" in text else text
 
 
@@ -90,7 +92,7 @@ def read_object(uri: str, limit: int) -> bytes:
     except FileNotFoundError:
         raise DataError(f"image not found: {redact(uri)}") from None
     except Exception as exc:  # each filesystem raises its own kinds; the message is what counts
-        raise DataError(f"cannot read {redact(uri)}: {_reason(exc)}") from None
+        raise DataError(f"cannot read {redact(uri)}: {reason(exc)}") from None
 
 
 def join(base: str, relative: str) -> str:
@@ -130,7 +132,7 @@ def mirror(uri: str) -> Path:
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"cannot list {redact(uri)}: {_reason(exc)}") from None
+        raise DataError(f"cannot list {redact(uri)}: {reason(exc)}") from None
     target = cache_dir() / "sources" / hashlib.sha256(redact(uri).encode()).hexdigest()[:20]
     target.mkdir(parents=True, exist_ok=True)
     write_text_atomic(target / ORIGIN, f"{scheme_of(uri)}://{root}")  # ranks read it at once
@@ -146,7 +148,7 @@ def mirror_pattern(uri: str) -> list[Path]:
     try:
         matches = sorted(p for p in fs.glob(pattern) if fs.isfile(p))
     except Exception as exc:
-        raise DataError(f"cannot list {redact(uri)}: {_reason(exc)}") from None
+        raise DataError(f"cannot list {redact(uri)}: {reason(exc)}") from None
     return [mirror(f"{scheme_of(uri)}://{p}") for p in matches]
 
 
@@ -163,7 +165,7 @@ def _fetch(fs: Any, remote: str, info: dict, local: Path, uri: str) -> None:
         os.replace(temporary, local)
     except Exception as exc:
         Path(temporary).unlink(missing_ok=True)
-        raise DataError(f"cannot read {redact(uri)}: {_reason(exc)}") from None
+        raise DataError(f"cannot read {redact(uri)}: {reason(exc)}") from None
     write_text_atomic(stamp, version)
 
 

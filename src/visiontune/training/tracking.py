@@ -13,6 +13,8 @@ import os
 import re
 from urllib.parse import urlsplit
 
+from visiontune.console import AZURE_LIBRARIES, silenced
+
 log = logging.getLogger("visiontune.training")
 
 ENV_URI = "MLFLOW_TRACKING_URI"
@@ -65,7 +67,8 @@ def tracking_callback():
             if self._off:
                 return None
             try:
-                return hook(*args, **kwargs)
+                with silenced(AZURE_LIBRARIES):
+                    return hook(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - any tracking failure, by design
                 self._off = True
                 text = _CREDENTIALS.sub("//", str(exc).strip()) or type(exc).__name__
