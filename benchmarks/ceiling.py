@@ -14,7 +14,8 @@ import time
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.ceiling",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--model_path", required=True)
     parser.add_argument("--num_labels", type=int, default=8)
     parser.add_argument("--image_size", type=int, required=True)

@@ -1,7 +1,7 @@
 """The CUDA paths in one command (under 8 minutes on one GPU), for the first run on a GPU.
 
-    python benchmarks/gpu_check.py                 # on a GPU machine
-    python benchmarks/gpu_check.py --dry           # the same steps, tiny, on the CPU
+    python -m benchmarks.gpu_check                 # on a GPU machine
+    python -m benchmarks.gpu_check --dry           # the same steps, tiny, on the CPU
 
 Steps, each reported as ok, failed (with its first error line) or skipped:
 
@@ -13,7 +13,7 @@ Steps, each reported as ok, failed (with its first error line) or skipped:
 3. ``deepspeed``: a precision-16 DeepSpeed fine-tune (ZeRO-3, a batch-norm CNN), its output
    reloaded as float32 and scored.
 4. ``speed``: images per second of ``visiontune finetune`` against the Hugging Face recipe
-   (``benchmarks/hf_recipe.py``) on the same data, model and batch, precision 16.
+   (``benchmarks.hf_recipe``) on the same data, model and batch, precision 16.
 
 The results go to ``--output`` (JSON) and a table on stdout. ``--dry`` runs on the CPU with
 tiny sizes (seconds to a minute), so the script cannot rot between GPU runs.
@@ -33,11 +33,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
-
-import run as bench  # noqa: E402
+from . import run as bench
 
 STEPS = ("device", "fp16", "bf16", "deepspeed", "speed")
 
@@ -64,7 +60,7 @@ def device_report(dry: bool) -> dict[str, Any]:
 
 
 def _tiny_models(work: Path) -> dict[str, Path]:
-    from tiny_models import save_tiny_model
+    from tests.tiny_models import save_tiny_model
 
     return {"cnn": save_tiny_model("resnet", work / "models" / "cnn", image_size=32),
             "vit": save_tiny_model("vit", work / "models" / "vit", image_size=32)}
@@ -187,7 +183,8 @@ def speed_check(dry: bool, work: Path, data: Path, models: dict[str, Path]) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry", action="store_true", help="tiny sizes on the CPU")
     parser.add_argument("--skip", default="", help=f"comma-separated steps to leave out ({', '.join(STEPS)})")
     parser.add_argument("--work_dir", default=None, help="where data, models and runs go (default: a temporary folder)")

@@ -18,7 +18,7 @@ Where it has to differ, offline:
 
 Example (the recipe's README flags)::
 
-    python benchmarks/hf_recipe.py --model_name_or_path MODEL --train_dir DATA/train/images \\
+    python -m benchmarks.hf_recipe --model_name_or_path MODEL --train_dir DATA/train/images \\
         --validation_dir DATA/validation/images --output_dir out --remove_unused_columns False \\
         --do_train --do_eval --eval_strategy epoch --save_strategy epoch \\
         --load_best_model_at_end True --save_total_limit 3 --ignore_mismatched_sizes True

@@ -1,7 +1,7 @@
 """Run ``visiontune`` (``visiontune.cli.main``, in this fresh process) with one of its speed-ups
 turned off or a loader setting changed, to measure what each is worth.
 
-    python benchmarks/levers.py nchw,foreach_adamw finetune --model_path ... (CLI args)
+    python -m benchmarks.levers nchw,foreach_adamw finetune --model_path ... (CLI args)
 
 Levers (comma-separated, or ``none``):
 
@@ -85,8 +85,9 @@ def _time_ceiling_around_training() -> None:
     import json
     import os
 
-    import ceiling
     from visiontune import malloc
+
+    from . import ceiling
     from visiontune.training import trainer as trainer_module
 
     target = os.environ["BENCH_CEILING_FILE"]

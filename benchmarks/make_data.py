@@ -144,7 +144,8 @@ def write_dataset(root: str | Path, train: int = 1200, validation: int = 240, se
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.make_data",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", default=str(Path(__file__).parent / ".cache" / "photos"))
     parser.add_argument("--train", type=int, default=1200)
     parser.add_argument("--validation", type=int, default=240)

@@ -169,6 +169,6 @@ def _wait4_timeout(process: subprocess.Popen, timeout_s: float):
         time.sleep(0.2)
 
 
-if __name__ == "__main__":  # python benchmarks/measure.py CMD...: measure any command
+if __name__ == "__main__":  # python -m benchmarks.measure CMD...: measure any command
     result = run_measured(sys.argv[1:], "/dev/stdout")
     print(result)

@@ -10,7 +10,8 @@ import time
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.pipeline_predict",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--images", required=True, help="a text file with one image path a line")
     parser.add_argument("--output", required=True)

@@ -1,14 +1,14 @@
 """visiontune against the Hugging Face example recipe and against the compute ceiling, on the
 same machine, data and model, in one run. See BENCHMARKS.md for what is measured and why.
 
-    python benchmarks/run.py            # the default run (about 40 minutes on 2 CPU cores)
-    python benchmarks/run.py --quick    # a smoke run: a few images, one step each
-    python benchmarks/run.py --variants vt16,hf16 --repeats 5
+    python -m benchmarks.run            # the default run (about 40 minutes on 2 CPU cores)
+    python -m benchmarks.run --quick    # a smoke run: a few images, one step each
+    python -m benchmarks.run --variants vt16,hf16 --repeats 5
 
 Every measured command runs in a fresh process, as users run it: ``visiontune`` through its
-CLI (``python -m visiontune``; ``benchmarks/levers.py`` for the lever variants, which turn one
-of its speed-ups off), the recipe through ``benchmarks/hf_recipe.py``, the ceiling through
-``benchmarks/ceiling.py``. Before each run the script waits for a quiet machine; a run during
+CLI (``python -m visiontune``; ``python -m benchmarks.levers`` for the lever variants, which
+turn one of its speed-ups off), the recipe through ``python -m benchmarks.hf_recipe``, the
+ceiling through ``python -m benchmarks.ceiling``. Before each run the script waits for a quiet machine; a run during
 which other processes took more than ``--max_foreign`` of the machine is repeated. Repeats
 are interleaved (a, b, a, b...) and the table shows medians.
 """
@@ -27,13 +27,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from . import make_data
+from .measure import Measured, run_measured, wait_for_quiet
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import make_data  # noqa: E402
-from measure import Measured, run_measured, wait_for_quiet  # noqa: E402
-
+ROOT = HERE.parent  # the repository root, where the ``benchmarks`` package lives
 PY = sys.executable
+
+
+def module(name: str) -> list[str]:
+    """The command that runs ``benchmarks/<name>.py`` as a module (``child_env`` puts the
+    repository root on the child's path, whatever its working directory)."""
+    return [PY, "-m", f"benchmarks.{name}"]
 
 
 @dataclass
@@ -79,7 +84,7 @@ class Variant:
     model: str  # effnet | vit
     precision: int = 32
     workers: int | None = None  # None: the side's default
-    levers: str = ""  # benchmarks/levers.py levers (vt), or ceiling flags
+    levers: str = ""  # benchmarks.levers levers (vt), or ceiling flags
     env: dict[str, str] = field(default_factory=dict)
     warm_cache: bool = False
     describe: str = ""
@@ -214,6 +219,7 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
                 "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
                 "HF_HUB_DISABLE_TELEMETRY": "1", "DISABLE_MLFLOW_INTEGRATION": "TRUE"})
     env.pop("MLFLOW_TRACKING_URI", None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env.update(extra or {})
     return env
 
@@ -298,7 +304,7 @@ class Job:
 
 def vt_command(job: Job, models: dict[str, Path], out: Path, settings: Settings) -> list[str]:
     v = job.variant
-    launcher = [PY, str(HERE / "levers.py"), v.levers] if v.levers else [PY, "-m", "visiontune"]
+    launcher = [*module("levers"), v.levers] if v.levers else [PY, "-m", "visiontune"]
     cmd = launcher + [
         "finetune", "--model_path", str(models[v.model]),
         "--training_data", str(job.data / "train"), "--validation_data", str(job.data / "validation"),
@@ -321,7 +327,7 @@ def hf_command(job: Job, models: dict[str, Path], out: Path, settings: Settings)
     v = job.variant
     model = models[v.model]
     processor = models["effnet_processor"] if v.model == "effnet" else model
-    cmd = [PY, str(HERE / "hf_recipe.py"),
+    cmd = [*module("hf_recipe"),
            "--model_name_or_path", str(model), "--image_processor_name", str(processor),
            "--ignore_mismatched_sizes", "True",
            "--train_dir", str(job.data / "train" / "images"),
@@ -347,7 +353,7 @@ def hf_command(job: Job, models: dict[str, Path], out: Path, settings: Settings)
 
 def ceiling_command(job: Job, models: dict[str, Path], settings: Settings) -> list[str]:
     v = job.variant
-    cmd = [PY, str(HERE / "ceiling.py"), "--model_path", str(models[v.model]),
+    cmd = [*module("ceiling"), "--model_path", str(models[v.model]),
            "--image_size", str(job.image_size), "--batch_size", str(job.batch_size),
            "--precision", str(v.precision), "--steps", str(settings.ceiling_steps)]
     return cmd + (v.levers.split() if v.levers else [])
@@ -493,7 +499,7 @@ class Bench:
                        "--batch_size", "32",
                        "--runtime", "pytorch" if name.endswith("-pytorch") else "auto"]
             else:
-                cmd = [PY, str(HERE / "pipeline_predict.py"), "--model", str(self.prediction_model()),
+                cmd = [*module("pipeline_predict"), "--model", str(self.prediction_model()),
                        "--images", str(self.predict_list), "--output", str(out / "predictions.jsonl")]
                 if name.endswith("-b32"):
                     cmd += ["--batch_size", "32"]
@@ -747,7 +753,8 @@ def machine_description() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: a few images, one step each")
     parser.add_argument("--variants", default=None,
                         help="comma-separated names, 'default', 'levers' or 'all' (see VARIANTS); "

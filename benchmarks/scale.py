@@ -2,7 +2,7 @@
 sizes, each measured as users run it (``visiontune data check``, then ``visiontune finetune``
 for a fixed number of steps), in fresh processes. See BENCHMARKS.md ("Scale").
 
-    python benchmarks/scale.py --sizes 10000,100000,1000000 --root /tmp/vt-scale
+    python -m benchmarks.scale --sizes 10000,100000,1000000 --root /tmp/vt-scale
 
 With ``--remote N``, the size-N dataset is also uploaded to a local S3 server (moto, as in the
 tests) and fine-tuned from there: the same measures, for a ratio against local files. With
@@ -32,11 +32,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))  # stores.py: the test suite's local S3 server
-
-from measure import run_measured  # noqa: E402
+from .measure import run_measured
 
 CLASSES = 10
 SIDE = 32
@@ -181,7 +177,8 @@ def measure_size(root: Path, n: int, steps: int, batch: int, model: Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.scale",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--root", default="/tmp/vt-scale")
     parser.add_argument("--steps", type=int, default=200)
@@ -206,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(measure_size(root, n, args.steps, args.batch, model))
         print(json.dumps(results[-1]), f"({time.monotonic() - started:.0f} s)", flush=True)
     if args.remote:
-        from stores import s3_server
+        from tests.stores import s3_server  # the test suite's local S3 server
 
         with s3_server(root) as remote_env:
             os.environ.update(remote_env)

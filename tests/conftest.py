@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 
 import pytest
+from stores import free_port  # noqa: F401  (tests import it from here)
 
 
 @pytest.fixture(scope="session")
@@ -122,39 +123,6 @@ def tmpfs(tmp_path):
     yield mount
     for point in reversed(mounted):
         subprocess.run(["umount", "-l", str(point)], capture_output=True)
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A loopback port for a server the test starts by name (torchrun, mlflow): outside the
-    range the kernel hands out for outgoing connections and port 0 (so that nothing else on the
-    machine takes it between now and the server's start), never the same twice in a session,
-    and bindable now."""
-    import random
-    import socket
-
-    low, high = 20000, 32000
-    try:
-        ephemeral = [int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split()]
-        if ephemeral[0] > 10000:
-            high = min(high, ephemeral[0])
-    except (OSError, ValueError):
-        pass
-    draw = random.Random()
-    for _ in range(1000):
-        port = draw.randrange(low, high)
-        if port in _HANDED_OUT:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _HANDED_OUT.add(port)
-        return port
-    raise RuntimeError("no free loopback port")
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
-"""Object stores for the tests, as real local servers: moto's S3 server (PyPI ``moto[server]``)
+"""Loopback ports for the tests' servers, and object stores as real local servers: moto's S3 server (PyPI ``moto[server]``)
 and Azurite's Blob service (npm ``azurite``). Each binds to 127.0.0.1, is given a bounded time
-to answer, and is stopped by its own process id."""
+to answer, and is stopped by its own process id. Imports nothing from the test suite, so the
+benchmarks import it too (``tests.stores``, from the repository root)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,43 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from conftest import free_port
-
 START_S = 60
 # Azurite's well-known development account (public, documented by Microsoft).
 AZURITE_ACCOUNT = "devstoreaccount1"
 AZURITE_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==")
+
+
+_HANDED_OUT: set[int] = set()
+
+
+def free_port() -> int:
+    """A loopback port for a server the test starts by name (torchrun, mlflow): outside the
+    range the kernel hands out for outgoing connections and port 0 (so that nothing else on the
+    machine takes it between now and the server's start), never the same twice in a session,
+    and bindable now."""
+    import random
+    import socket
+
+    low, high = 20000, 32000
+    try:
+        ephemeral = [int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split()]
+        if ephemeral[0] > 10000:
+            high = min(high, ephemeral[0])
+    except (OSError, ValueError):
+        pass
+    draw = random.Random()
+    for _ in range(1000):
+        port = draw.randrange(low, high)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free loopback port")
 
 
 def _wait(url: str, process: subprocess.Popen, log: Path) -> None:

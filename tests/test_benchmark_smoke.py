@@ -1,17 +1,12 @@
-"""The benchmark cannot rot: its smoke run (``benchmarks/run.py --quick``: a few images, one
-step each) goes through every kind of run and writes its table. No timing is checked."""
+"""The benchmark cannot rot: its smoke run (``python -m benchmarks.run --quick``: a few images,
+one step each) goes through every kind of run and writes its table. No timing is checked."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import make_data  # noqa: E402
-import run as bench  # noqa: E402
+from benchmarks import make_data
+from benchmarks import run as bench
 
 
 def test_generated_photos_are_deterministic():
@@ -49,9 +44,9 @@ def test_pair_ratios_match_repeat_i_of_a_with_repeat_i_of_b():
 
 def test_quick_benchmark_runs_end_to_end(tmp_path):
     output = tmp_path / "results.json"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env = bench.child_env()  # offline, with the repository root on the path for ``-m benchmarks.run``
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--no_wait",
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--no_wait",
          "--work_dir", str(tmp_path / "work"), "--data_dir", str(tmp_path / "photos"),
          "--output", str(output)],
         capture_output=True, text=True, timeout=840, env=env, cwd=tmp_path,
@@ -88,7 +83,7 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     assert "| variant |" in result.stdout and "| ratio | value |" in result.stdout
     assert data["pairs"]["vt16+c: steady / ceiling in process"] == [in_process["steady_over_ceiling"]]
     # The report again, from the results file alone.
-    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--from_results", str(output)],
+    again = subprocess.run([sys.executable, "-m", "benchmarks.run", "--from_results", str(output)],
                            capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "| vt16+c |" in again.stdout and "| interleaved pairs |" in again.stdout

@@ -1,23 +1,21 @@
-"""The GPU check script cannot rot: ``benchmarks/gpu_check.py --dry`` runs its steps on the CPU
-with tiny models. The quick test leaves out the DeepSpeed run and the speed comparison (each a
-minute or more here; tests/test_deepspeed.py and tests/test_benchmark_smoke.py run those paths);
-the slow one runs every step."""
+"""The GPU check script cannot rot: ``python -m benchmarks.gpu_check --dry`` runs its steps on
+the CPU with tiny models. The quick test leaves out the DeepSpeed run and the speed comparison
+(each a minute or more here; tests/test_deepspeed.py and tests/test_benchmark_smoke.py run those
+paths); the slow one runs every step."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.run import child_env  # offline, with the repository root on the path
 
 
 def _dry(tmp_path, *extra, timeout=300):
     output = tmp_path / "check.json"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry",
+    env = child_env()
+    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry",
                              "--work_dir", str(tmp_path / "work"), "--output", str(output), *extra],
                             capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -36,8 +34,8 @@ def test_dry_check_reports_the_device_and_trains_a_few_steps(tmp_path):
 
 
 def test_an_unknown_step_is_one_line(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry",
-                             "--skip", "warp"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry",
+                             "--skip", "warp"], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=child_env())
     assert result.returncode == 2 and "--skip: unknown step(s) warp" in result.stderr
 
 

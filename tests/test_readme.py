@@ -9,6 +9,7 @@ from visiontune.inputs import readme_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+BENCHMARKS = ROOT / "BENCHMARKS.md"
 PAGES = sorted((ROOT / "docs").glob("*.md"))
 
 
@@ -62,7 +63,7 @@ def _anchor(heading: str) -> str:
 
 def test_every_link_between_the_pages_leads_to_a_file_and_heading():
     broken = []
-    for page in [README, *PAGES]:
+    for page in [README, BENCHMARKS, *PAGES]:
         for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text(encoding="utf-8")):
             if re.match(r"[a-z]+://", target) or target.startswith("mailto:"):
                 continue

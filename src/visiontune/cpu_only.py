@@ -2,12 +2,13 @@
 
 torchvision's v2 transforms and transformers' ``Trainer`` import ``torch._dynamo``, which
 imports triton whenever it is installed (the CUDA wheels of torch install it). That maps
-triton's 70 MB compiler library and some 70 Python modules: about 77 MB of resident memory in
-every process, for a compiler of GPU kernels. Without a GPU nothing visiontune runs uses it
-(torch.compile's CPU backend writes C++), so the CLI marks triton as absent there, the way a
-CPU-only torch install has it: ``import triton`` raises ``ModuleNotFoundError`` and
-``importlib.util.find_spec("triton")`` returns None, and torch and transformers take their
-paths for a missing triton. ``VISIONTUNE_SKIP_TRITON=0`` keeps it; with a GPU it stays.
+triton's compiler library and its Python modules into every process (the memory it costs:
+BENCHMARKS.md, *Levers*), for a compiler of GPU kernels. Without a GPU nothing visiontune
+runs uses it (torch.compile's CPU backend writes C++), so the CLI marks triton as absent
+there, the way a CPU-only torch install has it: ``import triton`` raises
+``ModuleNotFoundError`` and ``importlib.util.find_spec("triton")`` returns None, and torch and
+transformers take their paths for a missing triton. ``VISIONTUNE_SKIP_TRITON=0`` keeps it;
+with a GPU it stays.
 """
 
 from __future__ import annotations

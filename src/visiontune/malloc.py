@@ -3,24 +3,22 @@
 glibc's malloc serves a large block (from 128 KB, a threshold it raises on the fly up to
 32 MB) with its own ``mmap`` and returns it with ``munmap`` when freed, and it trims freed
 heap memory off the top of the heap. A CPU training step allocates and frees tens of
-activation and gradient tensors of 1-30 MB each, so glibc maps many of them afresh at every
-step and the kernel faults in and zeroes their pages again: for EfficientNet-Lite0 at batch 32
-and 128 px, up to 55,000 page faults a step and a tenth of the machine's time in the kernel,
-varying from run to run with the order of the first allocations.
+activation and gradient tensors of megabytes each, so glibc maps many of them afresh at every
+step and the kernel faults in and zeroes their pages again: many page faults a step and a
+visible share of the machine's time in the kernel, varying from run to run with the order of
+the first allocations.
 
 ``tune()`` sets the two thresholds (what the ``MALLOC_MMAP_THRESHOLD_`` and
 ``MALLOC_TRIM_THRESHOLD_`` environment variables set at start-up) so that blocks up to 32 MB
 come from the heap and up to 1 GB of freed heap stays mapped for the next step;
-``release()`` hands the freed heap back before and after training. Measured on 2 CPU cores
-(BENCHMARKS.md), at precision 16: page faults down from 0.75-2.1 million to 0.31-0.41 million in a one-epoch run,
-the bare training step 1.4x as fast, ``visiontune finetune`` 1.2x as many training images per
-second.
+``release()`` hands the freed heap back before and after training. The page faults and the
+training speed with and without it: BENCHMARKS.md, *Levers*.
 
 A kept heap is kept per arena, and glibc gives each new thread its own arena (up to eight per
 core): the compute threads' and the image decoders' freed blocks then stay where the main
 thread cannot reuse them. ``tune()`` also limits malloc to one arena (``MALLOC_ARENA_MAX=1``),
-so every thread's freed memory serves every other's: 45 MB less peak memory in a vt16
-benchmark run, at the same speed. The CLI calls ``tune()``; Python code that calls
+so every thread's freed memory serves every other's: a lower peak at the same speed
+(BENCHMARKS.md, *Levers*). The CLI calls ``tune()``; Python code that calls
 visiontune's functions keeps its process's settings. Other C libraries (musl, macOS) and
 ``VISIONTUNE_MALLOC_TUNING=0`` leave malloc as it is.
 """

@@ -4,7 +4,7 @@ Multi-class: softmax then argmax. Multi-label: sigmoid then a threshold (one for
 one per class). Metric names match the ``metric_for_best_model`` choices.
 
 Computed here from per-class counts with numpy, and tested against scikit-learn: importing
-scikit-learn would add about 140 MB to every training process, for a few divisions.
+scikit-learn would add its memory to every training process, for a few divisions.
 """
 
 from __future__ import annotations

@@ -169,7 +169,7 @@ def cpu_cores() -> int:
 def _read_entry(entry: Path) -> np.ndarray | None:
     """An entry's HWC uint8 array, read straight into a new array. Entries are written by
     ``np.save`` with one known header, so it is matched as bytes: ``np.load`` with a memory map
-    costs about 0.3 ms an image in header parsing and mapping, several times the read itself.
+    spends several times the read itself parsing the header and mapping (BENCHMARKS.md, *Levers*).
     Anything else falls back to ``np.load``; None when the file does not hold an HWC RGB uint8
     array or is shorter than its header says."""
     with open(entry, "rb", buffering=0) as file:

@@ -1,9 +1,9 @@
 """torchvision's hue shift for uint8 images, computed in cheaper operations.
 
-``torchvision.transforms.v2.functional.adjust_hue_image`` takes about 1.4 ms for a 128 x 128
-image on one CPU core, most of the colour jitter's cost: its RGB -> HSV -> RGB round trip
-reduces over channels with ``aminmax``, selects with boolean masks, ``fmod``/``remainder``
-and an index table, which are 10-50 times slower per element than plain arithmetic on a CPU.
+``torchvision.transforms.v2.functional.adjust_hue_image`` is most of the colour jitter's cost
+on a CPU (BENCHMARKS.md, *Levers*): its RGB -> HSV -> RGB round trip reduces over channels
+with ``aminmax``, selects with boolean masks, ``fmod``/``remainder`` and an index table, which
+are many times slower per element than plain arithmetic on a CPU.
 ``adjust_hue`` runs the same float32 arithmetic with plain numpy operations: selections are
 bitwise (``where`` and fancy indexing branch per element), ``fmod``/``remainder`` by 1 become
 subtractions that are exact on the ranges involved, and divisions by a masked denominator

@@ -233,9 +233,9 @@ class Compose(v2.Compose):
     ``torch.rand``) in torchvision's order, and the hue shift of ``visiontune.data.color``.
 
     The output is the same, to the bit and for the same random state, as ``v2.Compose``'s
-    (``tests/test_data_transforms.py``), in about two thirds of the time for a 128 x 128 crop:
-    v2's per-call dispatch (flattening the inputs, type checks, kernel lookup) costs 20-250 us
-    per step and image, and its hue kernel 1.4 ms. Any other input, or a step this class does
+    (``tests/test_data_transforms.py``), in less time: it leaves out v2's per-call dispatch
+    (flattening the inputs, type checks, kernel lookup) at every step and image, and v2's hue
+    kernel (the times: BENCHMARKS.md, *Levers*). Any other input, or a step this class does
     not know, goes through torchvision as usual."""
 
     def forward(self, *inputs: Any) -> Any:

@@ -3,11 +3,11 @@
 PyTorch's CPU backward of a depthwise convolution (``groups`` = channels) in bfloat16 leaves
 oneDNN for a slow generic path in two cases, while the forward stays fast:
 
-- the input gradient of a strided convolution: 17-40 ms for one EfficientNet-Lite0 layer at
-  batch 32 and 128 px, against 0.4-4 ms here;
-- the weight gradient of a kernel larger than 3x3: 13-22 ms, against 2-7 ms here.
+- the input gradient of a strided convolution;
+- the weight gradient of a kernel larger than 3x3.
 
-Together they were 60 % of an EfficientNet-Lite0 training step. Both gradients are
+Together they were most of an EfficientNet-Lite0 training step (the times, per layer and for
+the step: BENCHMARKS.md, *Levers*, and the history it links). Both gradients are
 convolutions themselves, so they are computed here as forward depthwise convolutions, which
 oneDNN runs fast:
 

@@ -9,9 +9,8 @@ elsewhere, and NaN stays NaN), so ``hardtanh_backward(grad, y, lo, hi)`` is PyTo
 bit for bit. This is what PyTorch's own in-place ReLU (``relu_``) already does.
 
 EfficientNet-Lite and timm's MobileNets run an in-place ReLU6 after every batch norm (33 in
-EfficientNet-Lite0): without the copies, its training step at batch 32 and 128 px holds
-about 90 MB less at its peak in float32 and 45 MB less in bfloat16, and skips a read and a
-write of every activation.
+EfficientNet-Lite0): without the copies, its training step holds less memory at its peak
+(BENCHMARKS.md, *Levers*) and skips a read and a write of every activation.
 
 As with any in-place activation whose output is saved (``relu_`` included), code that modifies
 that output in place again before the backward pass gets autograd's "modified by an inplace

@@ -266,8 +266,7 @@ def prefer_channels_last(model):
 
     oneDNN (CPU) and cuDNN (GPU, with mixed precision) run convolutions fastest on NHWC
     tensors; in the default NCHW format every convolution reorders its input and output.
-    Measured on 2 CPU cores: +30 % images/s for EfficientNet-Lite0 training at precision 16
-    (BENCHMARKS.md).
+    What it is worth in training: BENCHMARKS.md, *Levers*.
     Values equal the NCHW model's up to float rounding, and ``save_pretrained`` writes the same
     tensors. Not for a model with a strided 1x1 convolution of fewer than 16 input channels:
     oneDNN's channels-last backward of those crashes the process on AVX-512 CPUs (torch 2.14;

@@ -35,8 +35,8 @@ SCHEDULER_NAMES = {
 
 # adamw_hf (the removed transformers AdamW) runs as torch's AdamW, like "adamw": the fused
 # kernel (the Trainer's own default): one pass over all weights instead of a loop over tensors,
-# up to 1.8x faster per optimizer step on the CPU, the same update up to float rounding
-# (BENCHMARKS.md).
+# faster per optimizer step on the CPU (BENCHMARKS.md, *Levers*), the same update up to float
+# rounding.
 OPTIMIZER_NAMES = {
     "adamw_hf": "adamw_torch_fused",
     "adamw": "adamw_torch_fused",

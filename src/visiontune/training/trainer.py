@@ -18,7 +18,7 @@ trains the same way however it is split.
 On the CPU the training forward pass runs under ``models.depthwise.fast_depthwise`` (in bf16,
 on CPUs with native bf16: a faster depthwise-convolution backward) and
 ``models.hardtanh.inplace_hardtanh`` (in-place ReLU6 layers keep their output for the backward
-pass instead of a copy of their input). BENCHMARKS.md has what each saves.
+pass instead of a copy of their input). BENCHMARKS.md, *Levers*, has what each saves.
 """
 
 from __future__ import annotations
