@@ -1,5 +1,5 @@
-"""Loopback ports for the tests' servers, and object stores as real local servers: moto's S3 server (PyPI ``moto[server]``)
-and Azurite's Blob service (npm ``azurite``). Each binds to 127.0.0.1, is given a bounded time
+"""Loopback ports for the tests' servers, and object stores as real local servers: moto's S3 server (PyPI ``moto[server]``),
+Azurite's Blob service (npm ``azurite``) and gcp-storage-emulator for Google Cloud Storage (PyPI). Each binds to 127.0.0.1, is given a bounded time
 to answer, and is stopped by its own process id. Imports nothing from the test suite, so the
 benchmarks import it too (``tests.stores``, from the repository root)."""
 
@@ -114,3 +114,15 @@ def blob_server(folder: Path) -> Iterator[dict[str, str]]:
         yield {"AZURE_STORAGE_CONNECTION_STRING": (
             f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
             f"AccountKey={AZURITE_KEY};BlobEndpoint={url};")}
+
+
+@contextmanager
+def gcs_server(folder: Path) -> Iterator[dict[str, str]]:
+    """gcp-storage-emulator (in memory); yields the environment gcsfs needs to reach it. gcsfs's
+    experimental bucket-type probe speaks gRPC, which the emulator does not: it is turned off."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+               "--port", str(port), "--in-memory"]
+    with _server(command, f"{url}/storage/v1/b", folder / "gcs.log"):
+        yield {"STORAGE_EMULATOR_HOST": url, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}

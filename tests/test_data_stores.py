@@ -1,5 +1,5 @@
-"""Data in object storage, against real local servers: moto's S3 server and Azurite's Blob
-service (tests/stores.py). Images and whole data folders read from s3:// and az:// as from
+"""Data in object storage, against real local servers: moto's S3 server, Azurite's Blob
+service and gcp-storage-emulator for Google Cloud Storage (tests/stores.py). Images and whole data folders read from s3:// and az:// as from
 local files; credentials and SAS tokens never in a message or an output."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import pytest
 
 import visiontune
 from conftest import subset
-from stores import azurite_available, blob_server, s3_server
+from stores import azurite_available, blob_server, gcs_server, s3_server
 from visiontune.data.check import check_data
 from visiontune.data.sources import load_records
 from visiontune.errors import DataError
 
 MC = "image-classification"
-BUCKET, CONTAINER = "vt-bucket", "vt-container"
+BUCKET, CONTAINER, GCS_BUCKET = "vt-bucket", "vt-container", "vt-gcs"
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,22 @@ def stores(tmp_path_factory):
         s3.mkdir(BUCKET)
         blob.mkdir(CONTAINER)
         yield {"s3": s3, "az": blob}
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    """Google Cloud Storage's emulator for the module; gcsfs imported once its variables are set."""
+    folder = tmp_path_factory.mktemp("gcs")
+    with gcs_server(folder) as env, pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        import gcsfs
+
+        gcsfs.GCSFileSystem.clear_instance_cache()
+        fs = gcsfs.GCSFileSystem()
+        fs.mkdir(GCS_BUCKET)
+        yield fs
+        gcsfs.GCSFileSystem.clear_instance_cache()
 
 
 @pytest.fixture(autouse=True)
@@ -151,6 +167,38 @@ def test_finetune_on_data_in_blob_storage_and_s3(stores, digits, tiny_vit, tmp_p
     assert result.classes == ["0", "1", "2"]
     saved = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert saved["accuracy"] == result.metrics["accuracy"] and 0.0 <= saved["accuracy"] <= 1.0
+
+
+def test_google_cloud_storage_images_folders_and_finetune(gcs, digits, tiny_vit, tmp_path):
+    """gs:// as the other stores: image references, a data folder with relative paths (read
+    again when it changes in the store), and a fine-tune from it."""
+    two = list({label: path for path, label in digits}.items())[:2]  # two classes
+    listing = tmp_path / "loose.jsonl"
+    for label, path in two:
+        gcs.put_file(path, f"{GCS_BUCKET}/loose/{Path(path).name}")
+        with listing.open("a") as out:
+            out.write(json.dumps({"image_url": f"gs://{GCS_BUCKET}/loose/{Path(path).name}",
+                                  "label": label}) + "\n")
+    report, ok = check_data(listing, MC)
+    assert ok, report
+    from visiontune.data.images import read_image_bytes
+
+    assert read_image_bytes(f"gs://{GCS_BUCKET}/loose/{Path(path).name}") == Path(path).read_bytes()
+    upload_folder(gcs, f"{GCS_BUCKET}/train", digits)
+    records, problems = load_records(f"gs://{GCS_BUCKET}/train", MC)
+    assert problems == [] and [r.image for r in records] == [
+        f"gs://{GCS_BUCKET}/train/images/{Path(p).name}" for p, _ in digits]
+    assert records[2].where == f"gs://{GCS_BUCKET}/train/annotations.jsonl:3"
+    result = visiontune.finetune(
+        model_path=tiny_vit, training_data=f"gs://{GCS_BUCKET}/train", task_name=MC,
+        output_dir_pytorch=tmp_path / "out", number_of_epochs=1, image_height=32,
+        image_width=32, number_of_workers=0, save_as_mlflow_model=False)
+    assert result.classes == ["0", "1", "2"]
+    gcs.pipe(f"{GCS_BUCKET}/train/annotations.jsonl", b'{"image_url": "images/gone.png", "label": "0"}\n')
+    report, ok = check_data(f"gs://{GCS_BUCKET}/train", MC)
+    assert not ok and f"image not found: gs://{GCS_BUCKET}/train/images/gone.png" in report
+    with pytest.raises(DataError, match=f"data not found: gs://{GCS_BUCKET}/nothing-here"):
+        load_records(f"gs://{GCS_BUCKET}/nothing-here", MC)
 
 
 def test_missing_data_and_bad_credentials_are_one_line_without_secrets(stores, monkeypatch):
