@@ -3,18 +3,18 @@ turned off or a loader setting changed, to measure what each is worth.
 
     python -m benchmarks.levers nchw,foreach_adamw finetune --model_path ... (CLI args)
 
-Levers (comma-separated, or ``none``):
+Levers (comma-separated, or ``none``), each one of visiontune's declared switches
+(``visiontune.settings.SETTINGS``, docs/performance.md) set in this process's environment:
 
-* ``nchw``: CNNs stay in the default NCHW memory format (visiontune trains and predicts with
-  CNNs in channels-last format, ``models.loading.prefer_channels_last``).
-* ``foreach_adamw``: the ``adamw``/``adamw_hf`` inputs run as Trainer's ``adamw_torch`` (a
-  loop over tensors) instead of ``adamw_torch_fused``.
-* ``prefetch4``: the data loader keeps 4 batches per worker in flight instead of 2.
-* ``nopersist``: data-loader workers are not kept between loaders.
-* ``v2_transforms``: images go through torchvision's ``v2.Compose`` (its dispatch and its hue
-  kernel) instead of ``visiontune.data.transforms.Compose``'s direct kernel calls.
-* ``glibc_arenas``: malloc keeps glibc's own arena count (``visiontune.malloc`` sets one
-  arena); its thresholds stay tuned.
+* ``nchw``: ``VISIONTUNE_CHANNELS_LAST=0``, CNNs stay in the default NCHW memory format.
+* ``foreach_adamw``: ``VISIONTUNE_FUSED_ADAMW=0``, the ``adamw``/``adamw_hf`` inputs run as
+  the Trainer's ``adamw_torch`` (a loop over tensors) instead of ``adamw_torch_fused``.
+* ``prefetch4``: ``VISIONTUNE_LOADER_PREFETCH=4``, 4 batches per worker in flight instead of 2.
+* ``nopersist``: ``VISIONTUNE_PERSISTENT_WORKERS=0``, workers are not kept between loaders.
+* ``v2_transforms``: ``VISIONTUNE_DIRECT_TRANSFORMS=0``, images go through torchvision's
+  ``v2.Compose`` (its dispatch and its hue kernel) instead of direct kernel calls.
+* ``glibc_arenas``: ``VISIONTUNE_MALLOC_ONE_ARENA=0``, malloc keeps glibc's own arena count;
+  its thresholds stay tuned.
 * ``ceiling_in_process``: not a speed-up turned off but a measurement added. Right before and
   right after training, this same process times the ceiling's step (``ceiling.py``) on a copy
   of the model being trained, with visiontune's compute settings, synthetic tensors of the
@@ -27,63 +27,34 @@ Levers (comma-separated, or ``none``):
 
 from __future__ import annotations
 
+import os
 import sys
 
-LEVERS = ("nchw", "foreach_adamw", "prefetch4", "nopersist", "v2_transforms", "glibc_arenas",
-          "ceiling_in_process")
+SWITCHES = {"nchw": ("VISIONTUNE_CHANNELS_LAST", "0"),
+            "foreach_adamw": ("VISIONTUNE_FUSED_ADAMW", "0"),
+            "prefetch4": ("VISIONTUNE_LOADER_PREFETCH", "4"),
+            "nopersist": ("VISIONTUNE_PERSISTENT_WORKERS", "0"),
+            "v2_transforms": ("VISIONTUNE_DIRECT_TRANSFORMS", "0"),
+            "glibc_arenas": ("VISIONTUNE_MALLOC_ONE_ARENA", "0")}
+LEVERS = (*SWITCHES, "ceiling_in_process")
 
 
 def apply(levers: list[str]) -> None:
     unknown = sorted(set(levers) - set(LEVERS))
     if unknown:
         raise SystemExit(f"unknown lever(s): {', '.join(unknown)}; known: {', '.join(LEVERS)}")
-    if "nchw" in levers:
-        from visiontune.models import loading
-
-        loading.prefer_channels_last = lambda model: model
-    if "foreach_adamw" in levers:
-        from visiontune.training import arguments
-
-        for name in ("adamw", "adamw_hf"):
-            arguments.OPTIMIZER_NAMES[name] = "adamw_torch"
-        arguments.EXTRA_OPTIM_KEYS["adamw_torch"] = arguments.EXTRA_OPTIM_KEYS["adamw_torch_fused"]
-    if "v2_transforms" in levers:
-        from torchvision.transforms import v2
-
-        from visiontune.data import transforms
-
-        transforms.Compose.forward = v2.Compose.forward
-    if "glibc_arenas" in levers:
-        from visiontune import malloc
-
-        malloc.ARENA_MAX = 0  # glibc's mallopt ignores 0 for M_ARENA_MAX (and reports success)
+    for lever in levers:
+        if lever in SWITCHES:
+            name, value = SWITCHES[lever]
+            os.environ[name] = value
     if "ceiling_in_process" in levers:
         _time_ceiling_around_training()
-    if "prefetch4" in levers or "nopersist" in levers:
-        from visiontune.training import arguments
-
-        original_plan = arguments.plan_training
-
-        def plan_training(*args, **kwargs):
-            plan = original_plan(*args, **kwargs)
-            if plan.training_args.get("dataloader_num_workers", 0) > 0:
-                if "prefetch4" in levers:
-                    plan.training_args["dataloader_prefetch_factor"] = 4
-                if "nopersist" in levers:
-                    plan.training_args["dataloader_persistent_workers"] = False
-            return plan
-
-        arguments.plan_training = plan_training
-        import visiontune.training.finetune as finetune_module
-
-        finetune_module.plan_training = plan_training
 
 
 def _time_ceiling_around_training() -> None:
     import copy
     import gc
     import json
-    import os
 
     from visiontune import malloc
 

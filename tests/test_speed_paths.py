@@ -148,3 +148,25 @@ def test_finetune_trains_a_cnn_channels_last_with_fused_adamw_in_the_main_proces
     assert saved["values"]["number_of_workers"] == 0
     # the saved model reloads and predicts
     assert Classifier(tmp_path / "out", device="cpu").logits(random_images(1)).shape == (1, 10)
+
+
+def test_the_channels_last_and_direct_transform_switches_turn_their_paths_off(monkeypatch):
+    import torch
+
+    from visiontune.data.transforms import Preprocessing, train_transform
+
+    cnn, _ = build_tiny_model("resnet")
+    assert _is_channels_last(prefer_channels_last(build_tiny_model("resnet")[0]))
+    monkeypatch.setenv("VISIONTUNE_CHANNELS_LAST", "0")
+    assert not _is_channels_last(prefer_channels_last(cnn))
+    image = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8)
+    transforms = []
+    for value in ("1", "0"):
+        monkeypatch.setenv("VISIONTUNE_DIRECT_TRANSFORMS", value)
+        transforms.append(train_transform(Preprocessing(height=32, width=32), augment=True))
+    assert [t.direct for t in transforms] == [True, False]
+    outputs = []
+    for transform in transforms:
+        torch.manual_seed(7)
+        outputs.append(transform(image))
+    assert torch.equal(*outputs)  # v2.Compose's dispatch gives the same pixels

@@ -305,3 +305,23 @@ def test_deepspeed_fp16_casts_the_buffers_with_the_weights(tmp_path):
     assert config["data_types"] == {"buffer_dtype": "fp16"} and "torch_autocast" not in config
     config, _ = ds.merge({"data_types": {"buffer_dtype": "fp32"}}, gpu_fp16, 1)
     assert config["data_types"] == {"buffer_dtype": "fp32"}  # the file's own choice
+
+
+def test_the_loader_and_optimizer_switches_reach_the_training_arguments(tmp_path, monkeypatch):
+    """VISIONTUNE_FUSED_ADAMW, _LOADER_PREFETCH and _PERSISTENT_WORKERS: the benchmark's levers
+    are the declared switches, and each one changes what the Trainer gets."""
+    _, _, plan = planned(tmp_path, optimizer="adamw", number_of_workers="2")
+    args = plan.training_args
+    assert (args["optim"], args["dataloader_prefetch_factor"], args["dataloader_persistent_workers"]) \
+        == ("adamw_torch_fused", 2, True)
+    monkeypatch.setenv("VISIONTUNE_FUSED_ADAMW", "0")
+    monkeypatch.setenv("VISIONTUNE_LOADER_PREFETCH", "4")
+    monkeypatch.setenv("VISIONTUNE_PERSISTENT_WORKERS", "0")
+    _, _, plan = planned(tmp_path, optimizer="adamw", number_of_workers="2",
+                         extra_optim_args="beta2=0.99")
+    args = plan.training_args
+    assert (args["optim"], args["dataloader_prefetch_factor"], args["dataloader_persistent_workers"]) \
+        == ("adamw_torch", 4, False)
+    assert args["adam_beta2"] == 0.99  # the fused optimizer's extra keys hold for the loop too
+    _, _, plan = planned(tmp_path, number_of_workers="0")
+    assert plan.training_args["dataloader_prefetch_factor"] is None  # torch refuses it without workers

@@ -65,7 +65,8 @@ def tune() -> bool:
         libc = _glibc() if settings.flag(ENV_SWITCH) else None
         _tuned = bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
                       and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-                      and libc.mallopt(_M_ARENA_MAX, ARENA_MAX))
+                      and (not settings.flag("VISIONTUNE_MALLOC_ONE_ARENA")
+                           or libc.mallopt(_M_ARENA_MAX, ARENA_MAX)))
         log.debug("malloc thresholds and arena count %s", "set" if _tuned else "left as they are")
     return _tuned
 

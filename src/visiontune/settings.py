@@ -26,6 +26,16 @@ SETTINGS = {s.name: s for s in (
     Setting("VISIONTUNE_FAST_DEPTHWISE", True, "the faster bf16 depthwise backward (CPUs with native bf16)"),
     Setting("VISIONTUNE_INPLACE_HARDTANH", True, "the in-place ReLU6 of CPU training"),
     Setting("VISIONTUNE_MALLOC_TUNING", True, "glibc malloc thresholds that keep freed tensor memory"),
+    Setting("VISIONTUNE_MALLOC_ONE_ARENA", True, "one glibc malloc arena (off: glibc's own count; "
+                                                 "with the thresholds above)"),
+    Setting("VISIONTUNE_CHANNELS_LAST", True, "CNNs trained and run in channels-last memory format"),
+    Setting("VISIONTUNE_FUSED_ADAMW", True, "the adamw and adamw_hf optimizers as torch's fused "
+                                            "AdamW (off: its loop over tensors)"),
+    Setting("VISIONTUNE_DIRECT_TRANSFORMS", True, "augmentations by direct kernel calls (off: "
+                                                  "torchvision's v2.Compose dispatch; same pixels)"),
+    Setting("VISIONTUNE_LOADER_PREFETCH", 2, "batches each data-loader worker keeps in flight"),
+    Setting("VISIONTUNE_PERSISTENT_WORKERS", True, "data-loader workers kept between the "
+                                                   "training and validation loaders"),
     Setting("VISIONTUNE_SKIP_TRITON", True, "leave triton unloaded on a machine without a GPU"),
     Setting("VISIONTUNE_IMAGE_CACHE", True, "the decoded-image cache"),
     Setting("VISIONTUNE_IMAGE_CACHE_DIR", None, "where the decoded-image cache is "

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from visiontune import settings
 from visiontune.data import color
 
 log = logging.getLogger(__name__)
@@ -238,8 +239,12 @@ class Compose(v2.Compose):
     kernel (the times: BENCHMARKS.md, *Levers*). Any other input, or a step this class does
     not know, goes through torchvision as usual."""
 
+    def __init__(self, transforms: Sequence[Callable]) -> None:
+        super().__init__(transforms)
+        self.direct = settings.flag("VISIONTUNE_DIRECT_TRANSFORMS")
+
     def forward(self, *inputs: Any) -> Any:
-        if len(inputs) != 1 or type(inputs[0]) is not torch.Tensor:
+        if not self.direct or len(inputs) != 1 or type(inputs[0]) is not torch.Tensor:
             return super().forward(*inputs)
         image = inputs[0]
         for step in self.transforms:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from visiontune import settings
 from visiontune.errors import UserError, first_line
 from visiontune.tasks import PROBLEM_TYPES, check_task
 
@@ -273,7 +274,8 @@ def prefer_channels_last(model):
     ResNet-style shortcuts of small models)."""
     import torch
 
-    if not is_cnn(model) or any(_crashes_channels_last(m) for m in model.modules()):
+    if (not settings.flag("VISIONTUNE_CHANNELS_LAST") or not is_cnn(model)
+            or any(_crashes_channels_last(m) for m in model.modules())):
         return model
     return model.to(memory_format=torch.channels_last)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from visiontune import settings
 from visiontune.errors import UserError
 from visiontune.hardware import (
     CpuKind, GpuKind, cpu_bf16, cpu_kind, cpu_paths, gpu_kind, gpu_paths, gpu_training_options,
@@ -225,6 +226,8 @@ def plan_training(values: dict[str, Any], *, use_cpu: bool, bf16_ok: bool,
     optim = OPTIMIZER_NAMES.get(values["optimizer"], values["optimizer"])
     extra = parse_extra_optim_args(values["extra_optim_args"])
     extra_fields, optim_args = extra_optimizer_settings(optim, extra)
+    if optim == "adamw_torch_fused" and not settings.flag("VISIONTUNE_FUSED_ADAMW"):
+        optim = "adamw_torch"  # the same update, by a loop over tensors
     for key, value in extra_fields.items():
         notes.append(f"extra_optim_args sets {key}={value} (it wins over the other inputs)")
 
@@ -283,7 +286,10 @@ def plan_training(values: dict[str, Any], *, use_cpu: bool, bf16_ok: bool,
         metric_for_best_model=values["metric_for_best_model"],
         greater_is_better=values["metric_for_best_model"] != "loss",
         dataloader_num_workers=values["number_of_workers"],
-        dataloader_persistent_workers=values["number_of_workers"] > 0,
+        dataloader_persistent_workers=(values["number_of_workers"] > 0
+                                       and settings.flag("VISIONTUNE_PERSISTENT_WORKERS")),
+        dataloader_prefetch_factor=(int(settings.number("VISIONTUNE_LOADER_PREFETCH"))
+                                    if values["number_of_workers"] > 0 else None),
         remove_unused_columns=False,
         # MLflow tracking, when asked for, through a callback that cannot fail the run.
         report_to=[],
