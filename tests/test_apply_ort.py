@@ -86,7 +86,7 @@ def test_apply_ort_exports_checks_parity_and_serves_with_onnx_runtime(tiny_vit, 
 
     # predict and evaluate pick the export up (runtime auto), from either folder, and score
     # like PyTorch; --runtime pytorch keeps PyTorch.
-    from visiontune.prediction import open_model
+    from visiontune.inference import open_model
 
     assert type(open_model(out)).__name__ == "OnnxClassifier"
     assert type(open_model(mlf)).__name__ == "OnnxClassifier"

@@ -21,8 +21,8 @@ import yaml
 from huggingface_hub import ModelCard
 
 from test_serving import LABELS, Server, finetuned
-from visiontune.inference import MULTICLASS, MULTILABEL
 from visiontune.serving.mlflow_model import save_mlflow_model
+from visiontune.tasks import MULTICLASS, MULTILABEL
 
 LOAD_AND_PREDICT = textwrap.dedent("""
     import json, pathlib, sys
@@ -82,7 +82,8 @@ def test_models_from_code_with_signature_example_and_metadata(saved):
 
 
 def test_fresh_process_loads_without_warnings_and_answers_as_in_process(saved, tmp_path):
-    from visiontune.inference import Classifier, decode_payload_image
+    from visiontune.inference import Classifier
+    from visiontune.serving.payload import decode_payload_image
 
     for model_dir in saved:
         out = tmp_path / f"{model_dir.name}.json"

@@ -15,11 +15,11 @@ from tiny_models import random_images, save_tiny_model  # noqa: E402
 
 from visiontune.cli import main  # noqa: E402
 from visiontune.errors import UserError  # noqa: E402
-from visiontune.inference import MULTICLASS, MULTILABEL, Classifier  # noqa: E402
+from visiontune.inference import Classifier, OnnxClassifier  # noqa: E402
+from visiontune.inference.onnx_runtime import EXPORT_METADATA_FILE, ONNX_FILE  # noqa: E402
 from visiontune.model_folder import write_metadata  # noqa: E402
-from visiontune.onnx_export import (  # noqa: E402
-    EXAMPLE_BATCH, EXPORT_METADATA_FILE, ONNX_FILE, OnnxClassifier, export_onnx,
-)
+from visiontune.onnx_export import EXAMPLE_BATCH, export_onnx  # noqa: E402
+from visiontune.tasks import MULTICLASS, MULTILABEL  # noqa: E402
 
 PREPROCESSING = {"height": 32, "width": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
                  "interpolation": "bilinear"}

@@ -1,8 +1,13 @@
 """One owner per concern: every environment switch is declared in ``visiontune.settings`` and
 read through it; the task names and their check live in ``visiontune.tasks`` alone; a model
-folder's record is named, read and written by ``visiontune.model_folder`` alone."""
+folder's record is named, read and written by ``visiontune.model_folder`` alone; a model ready to
+predict is ``visiontune.inference``'s, a request's images ``visiontune.serving.payload``'s and the
+apply_ort step ``visiontune.training.apply_ort``'s. No module imports itself back."""
 
+import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +86,129 @@ def test_the_record_reads_as_empty_when_absent_and_refuses_what_is_not_an_object
     (tmp_path / METADATA_FILE).write_text("{broken")
     with pytest.raises(UserError, match="is not valid JSON"):
         read_metadata(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Using a fine-tuned model; imports without a cycle
+# ---------------------------------------------------------------------------------------------
+# Where each part of using a model is defined, and nowhere else.
+MODEL_USE_OWNERS = {
+    "class ClassifierBase": "inference/classifier.py",
+    "class Classifier": "inference/classifier.py",
+    "def check_threshold": "inference/classifier.py",
+    "class OnnxClassifier": "inference/onnx_runtime.py",
+    "def find_export": "inference/onnx_runtime.py",
+    "def open_model": "inference/scoring.py",
+    "def score_images": "inference/scoring.py",
+    "class PayloadError": "serving/payload.py",
+    "def payload_bytes": "serving/payload.py",
+    "def decode_payload_bytes": "serving/payload.py",
+    "def export_metadata": "onnx_export.py",
+    "def check_apply_ort": "training/apply_ort.py",
+    "def export_and_validate": "training/apply_ort.py",
+}
+MODEL_USERS = ("visiontune.inference", "visiontune.serving", "visiontune.prediction",
+               "visiontune.evaluation", "visiontune.onnx_export", "visiontune.training.apply_ort")
+
+
+def _modules() -> dict[str, Path]:
+    modules = {}
+    for path in SOURCE.rglob("*.py"):
+        parts = path.relative_to(SOURCE.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def _import_graph(lazy: bool) -> dict[str, set[str]]:
+    """Module -> the visiontune modules it imports: at load time (statements outside functions),
+    or anywhere with ``lazy``. ``from a import b`` names ``a.b`` when that is a
+    module, else ``a``; importing a submodule is not counted as importing its package."""
+    modules = _modules()
+
+    def owner(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        if lazy:
+            nodes = list(ast.walk(tree))
+        else:
+            nodes, pending = [], list(tree.body)
+            while pending:
+                node = pending.pop()
+                nodes.append(node)
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    pending.extend(ast.iter_child_nodes(node))
+        named = set()
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                named.update(owner(alias.name) for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                assert node.level == 0, f"{path}: relative import"
+                named.update(owner(f"{node.module}.{alias.name}") or owner(node.module)
+                             for alias in node.names)
+        graph[name] = {m for m in named if m and m != name}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (its modules in order, the first repeated), or None."""
+    done, path = set(), []
+
+    def visit(name: str) -> list[str] | None:
+        if name in path:
+            return path[path.index(name):] + [name]
+        if name in done:
+            return None
+        path.append(name)
+        for other in sorted(graph.get(name, ())):
+            found = visit(other)
+            if found:
+                return found
+        path.pop()
+        done.add(name)
+        return None
+
+    return next(filter(None, (visit(name) for name in sorted(graph))), None)
+
+
+def test_each_part_of_using_a_model_is_defined_in_its_owner_alone():
+    for definition, owner in MODEL_USE_OWNERS.items():
+        pattern = re.compile(rf"(?m)^\s*{definition}\b[(:]")
+        found = [str(path.relative_to(SOURCE)) for path in SOURCE.rglob("*.py")
+                 if pattern.search(path.read_text(encoding="utf-8"))]
+        assert found == [owner], (definition, found)
+
+
+def test_no_module_imports_itself_back_while_loading():
+    graph = _import_graph(lazy=False)
+    assert len(graph) > 50 and "visiontune.inference.scoring" in graph["visiontune.inference"]
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_the_modules_that_use_a_model_import_one_another_without_a_cycle_even_lazily():
+    graph = _import_graph(lazy=True)
+    users = {m for m in graph if m.startswith(MODEL_USERS)}
+    assert {"visiontune.inference.onnx_runtime", "visiontune.serving.payload"} <= users
+    among = {m: graph[m] & users for m in users}
+    assert _cycle(among) is None, " -> ".join(_cycle(among))
+
+
+def test_each_module_that_uses_a_model_loads_first_in_a_fresh_interpreter():
+    """In a fresh interpreter each module comes first once, so a load-time cycle would fail one
+    of them. The inference package and the request decoding leave torch and onnxruntime to the
+    model."""
+    light = ("visiontune.inference", "visiontune.serving.payload")
+    check = ("import importlib, sys; importlib.import_module(sys.argv[1]); "
+             "heavy = {'torch', 'onnxruntime'} & set(sys.modules); "
+             "assert sys.argv[2] == 'any' or not heavy, f'loads {heavy}'")
+    runs = {name: subprocess.Popen(
+                [sys.executable, "-c", check, name, "light" if name.startswith(light) else "any"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for name in sorted(_modules()) if name.startswith(MODEL_USERS)}
+    seen = {name: run.communicate(timeout=300)[0] for name, run in runs.items()}
+    failed = {name: seen[name][-1500:] for name, run in runs.items() if run.returncode}
+    assert not failed, failed

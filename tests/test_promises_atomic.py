@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from tiny_models import save_tiny_model
-from visiontune.inference import MULTICLASS, ClassifierBase
+from visiontune.inference import ClassifierBase
 from visiontune.model_folder import write_metadata
 from visiontune.outputs import STAGING_PREFIX, staged
+from visiontune.tasks import MULTICLASS
 
 
 class Interrupted(Exception):

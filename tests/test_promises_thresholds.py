@@ -16,9 +16,10 @@ from sklearn.metrics import f1_score
 from tiny_models import random_images, save_tiny_model
 from visiontune.data.images import load_image
 from visiontune.data.transforms import Preprocessing
-from visiontune.inference import MULTILABEL, Classifier, ClassifierBase
+from visiontune.inference import Classifier, ClassifierBase
 from visiontune.metrics import compute_metrics, sigmoid, tune_thresholds
 from visiontune.model_folder import write_metadata
+from visiontune.tasks import MULTILABEL
 
 LABELS = ["a", "b", "c"]
 PREPROCESSING = {"height": 32, "width": 32, "mean": [0.5] * 3, "std": [0.5] * 3,

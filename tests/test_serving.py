@@ -27,12 +27,14 @@ from PIL import Image
 
 from conftest import free_port
 from tiny_models import random_images, save_tiny_model
-from visiontune.inference import (
-    DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS_PER_REQUEST, MULTICLASS, MULTILABEL, Classifier,
-    PayloadError, decode_payload_image, payload_bytes,
-)
+from visiontune.inference import Classifier
 from visiontune.model_folder import write_metadata
 from visiontune.serving.mlflow_model import ImageClassifierModel, ServingConfig, save_mlflow_model
+from visiontune.serving.payload import (
+    DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS_PER_REQUEST, PayloadError, decode_payload_image,
+    payload_bytes,
+)
+from visiontune.tasks import MULTICLASS, MULTILABEL
 
 LABELS = ["cat", "dog", "fox"]
 PREPROCESSING = {"height": 32, "width": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
@@ -418,7 +420,7 @@ def no_decoding(monkeypatch):
     def fail(data):
         raise AssertionError("an image was decoded")
 
-    monkeypatch.setattr("visiontune.inference.decode_payload_bytes", fail)
+    monkeypatch.setattr("visiontune.serving.mlflow_model.decode_payload_bytes", fail)
 
 
 def test_pixels_per_image_below_at_and_over_the_limit(scoring_model, images):

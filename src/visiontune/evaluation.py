@@ -23,9 +23,8 @@ import numpy as np
 from visiontune.data.columnar import is_embedded
 from visiontune.data.storage import redact
 from visiontune.errors import DataError, UserError
-from visiontune.inference import Classifier, check_threshold
+from visiontune.inference import Classifier, check_threshold, open_model, predicted, score_images
 from visiontune.outputs import check_folder
-from visiontune.prediction import open_model, predicted, score_images
 from visiontune.tasks import MULTILABEL
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
-"""ONNX export of a fine-tuned model, and a classifier that scores with ONNX Runtime.
+"""ONNX export of a fine-tuned model.
 
 ``export_onnx`` writes ``model.onnx`` (input ``pixel_values``: float32 N x 3 x H x W with a
 dynamic batch; output ``logits``) and ``visiontune_onnx.json`` (classes in index order, task,
 preprocessing, multi-label threshold(s), opset). The JSON is written last, so a folder that has
-it holds a complete export.
+it holds a complete export. ``visiontune.inference.OnnxClassifier`` scores with it.
 
 Exporter: torch's ``torch.export``-based exporter (``dynamo=True``). Both exporters give ORT
 logits within ~1e-7 of PyTorch for ViT, ConvNeXt and the timm wrapper (EfficientNet), but the
@@ -13,56 +13,36 @@ being removed from torch. ``torch.export`` captures the graph symbolically and r
 export in which the batch dimension would not stay dynamic. Its operators are written for
 opset 18 and newer; it cannot convert these graphs down to older opsets, so those are refused.
 Every export is checked: ORT must load it and match PyTorch on a batch of another size.
-
-``OnnxClassifier`` is an ``inference.ClassifierBase`` whose logits come from ONNX Runtime: it
-preprocesses with the same code (the saved eval transform, ``ClassifierBase.tensors``), so both
-score the same pixels.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from visiontune import __version__
 from visiontune.errors import UserError
-from visiontune.inference import Classifier, ClassifierBase, model_folder
+from visiontune.inference import Classifier, model_folder
+from visiontune.inference.onnx_runtime import (
+    EXPORT_METADATA_FILE, INPUT_NAME, ONNX_FILE, OUTPUT_NAME, require_packages,
+)
 from visiontune.outputs import check_folder
 from visiontune.tasks import MULTILABEL
 
 log = logging.getLogger(__name__)
 
-ONNX_FILE = "model.onnx"
-EXPORT_METADATA_FILE = "visiontune_onnx.json"
-INPUT_NAME, OUTPUT_NAME = "pixel_values", "logits"
 MIN_OPSET = 18  # the torch.export-based exporter's own operators
 EXAMPLE_BATCH = 2  # not 1: a batch of one invites the batch dimension to be specialised
 CHECK_BATCH = 3  # the post-export check uses another size, so a fixed batch would show
-INSTALL_HINT = 'pip install "visiontune[onnx]"'
 
 
-def _require(modules: Sequence[str], what: str) -> None:
-    missing = []
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise UserError(f"{what} needs {', '.join(missing)} (not installed): {INSTALL_HINT}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Export
-# ---------------------------------------------------------------------------------------------
 @contextmanager
 def _quiet_exporter():
     """Keep the exporter's pass-by-pass INFO lines out of the command's output, and the
@@ -135,7 +115,7 @@ def _earlier_export(folder: Path) -> bool:
 def export_onnx(model_dir: str | Path, output_dir: str | Path, opset: int = 18) -> Path:
     """Export the fine-tuned model in ``model_dir`` (PyTorch or MLflow folder) into
     ``output_dir``; return the path of ``model.onnx``."""
-    _require(("onnx", "onnxscript", "onnxruntime"), "export-onnx")
+    require_packages(("onnx", "onnxscript", "onnxruntime"), "export-onnx")
     import torch
 
     opset = int(opset)
@@ -223,152 +203,3 @@ def run_export(values: dict[str, Any]) -> int:
     path = export_onnx(values["model"], values["output_dir"], values["opset"])
     print(f"ONNX model written to {path} (metadata: {path.with_name(EXPORT_METADATA_FILE)})")
     return 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Scoring with ONNX Runtime
-# ---------------------------------------------------------------------------------------------
-class OnnxClassifier(ClassifierBase):
-    """An exported folder, run by ONNX Runtime: on the GPU when this onnxruntime has CUDA
-    (onnxruntime-gpu) and the machine has one, else on the CPU (``hardware.onnx_providers``).
-
-    Only loading and ``logits`` differ: preprocessing (``tensors`` with the saved eval
-    transform), probabilities and the scoring schema are the PyTorch classifier's own code, so
-    the two cannot drift apart. There is no torch model: ``model`` and ``device`` are absent."""
-
-    def __init__(self, onnx_dir: str | Path):
-        _require(("onnxruntime",), "OnnxClassifier")
-        import onnxruntime as ort
-
-        from visiontune.data.transforms import Preprocessing
-
-        path = Path(onnx_dir)
-        folder = path.parent if path.suffix == ".onnx" else path
-        meta_path = folder / EXPORT_METADATA_FILE
-        if not meta_path.is_file():
-            raise UserError(f"{folder} is not an ONNX export of visiontune (no {EXPORT_METADATA_FILE})")
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        super().__init__(folder, list(meta["classes"]), meta["task"],
-                         Preprocessing.from_dict(meta["preprocessing"]), meta.get("multilabel_threshold"))
-        from visiontune.hardware import gpu_kind, onnx_providers
-
-        self.session = ort.InferenceSession(str(folder / meta.get("model_file", ONNX_FILE)),
-                                            providers=onnx_providers(ort.get_available_providers(),
-                                                                     gpu_kind()))
-
-    def batch_logits(self, batch) -> np.ndarray:
-        return self.session.run([OUTPUT_NAME], {INPUT_NAME: batch.numpy()})[0]
-
-
-def open_onnx_classifier(onnx_dir: str | Path, model_dir: str | Path | None = None) -> OnnxClassifier:
-    """ONNX Runtime scoring of an export; the multi-label threshold stays the model folder's
-    (``model_dir``), which ``visiontune evaluate --tune_thresholds`` updates in place."""
-    from visiontune.inference import check_threshold
-    from visiontune.model_folder import read_metadata
-
-    classifier = OnnxClassifier(onnx_dir)
-    if not model_dir:
-        return classifier
-    classifier.model_dir = Path(model_dir)  # where evaluate writes tuned thresholds back
-    meta = read_metadata(classifier.model_dir)
-    if "multilabel_threshold" in meta:
-        classifier.threshold = check_threshold(meta["multilabel_threshold"], len(classifier.classes))
-    return classifier
-
-
-def find_export(model: str | Path) -> Path | None:
-    """The ONNX export that belongs to a fine-tuned model, if it has one: ``onnx/`` in the
-    PyTorch output folder (finetune --apply_ort true, or export-onnx into it), or
-    ``artifacts/onnx`` in an MLflow model folder written with it."""
-    path = Path(str(model)).expanduser()
-    for candidate in (path / ONNX_SUBDIR, path / "artifacts" / ONNX_SUBDIR):
-        if (candidate / EXPORT_METADATA_FILE).is_file():
-            return candidate
-    return None
-
-
-def onnxruntime_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("onnxruntime") is not None
-
-
-# ---------------------------------------------------------------------------------------------
-# apply_ort: ONNX Runtime for the fine-tuned model's inference
-# ---------------------------------------------------------------------------------------------
-ONNX_SUBDIR = "onnx"
-ONNX_EVAL_FILE = "eval_results.json"
-PARITY_TOLERANCE = 1e-4  # largest |ORT - PyTorch| probability accepted without a warning
-
-
-def check_apply_ort() -> None:
-    """Before training: the packages, then one line saying what apply_ort does here."""
-    import torch
-
-    from visiontune.training import distributed
-    from visiontune.training.arguments import ort_training_available
-
-    _require(("onnx", "onnxscript", "onnxruntime"), "apply_ort")
-    if not distributed.is_main_process():
-        return
-    what = ("training runs in PyTorch; ONNX Runtime is used for inference: the fine-tuned model "
-            f"is exported to ONNX ({ONNX_SUBDIR}/ in output_dir_pytorch), the validation set is "
-            "scored again with ONNX Runtime, and the MLflow model (when saved) serves with it")
-    if ort_training_available():
-        log.warning("apply_ort: visiontune does not train with ONNX Runtime, so %s", what)
-    else:
-        log.warning("apply_ort: ONNX Runtime training is unavailable with this torch (%s), so %s",
-                    torch.__version__.split("+")[0], what)
-
-
-def export_and_validate(model_dir: str | Path, records, label_ids: np.ndarray,
-                        pytorch_logits: np.ndarray, *, batch_size: int = 32,
-                        mixed_precision: bool = False,
-                        tolerance: float = PARITY_TOLERANCE) -> Path:
-    """Export the fine-tuned model in ``model_dir`` to ``model_dir/onnx``, then repeat the final
-    validation evaluation with ONNX Runtime: its metrics, and the largest probability difference
-    from PyTorch's (``pytorch_logits``, same records, same order), go to
-    ``onnx/eval_results.json``. Returns the ONNX folder."""
-    from visiontune.errors import DataError
-    from visiontune.metrics import compute_metrics, probabilities
-    from visiontune.prediction import score_images
-
-    model_dir = Path(model_dir)
-    onnx_dir = model_dir / ONNX_SUBDIR
-    try:
-        export_onnx(model_dir, onnx_dir)
-    except UserError as exc:
-        raise UserError(f"apply_ort: training finished and the PyTorch model is in {model_dir}, "
-                        f"but the ONNX export failed: {exc}") from None
-    classifier = OnnxClassifier(onnx_dir)
-    logits, errors = score_images(classifier, [r.image for r in records], batch_size,
-                                  "validation (ONNX Runtime)")
-    if errors:  # the images were read during training, so only a file changed meanwhile
-        first = min(errors)
-        raise DataError(f"apply_ort: {records[first].where}: {errors[first]}")
-    ort_probs = probabilities(logits, classifier.task)
-    torch_probs = probabilities(np.asarray(pytorch_logits, dtype=np.float32), classifier.task)
-    diff = float(np.max(np.abs(ort_probs - torch_probs))) if ort_probs.size else 0.0
-    metrics = compute_metrics(logits, np.asarray(label_ids), classifier.task,
-                              threshold=classifier.threshold, class_names=classifier.classes)
-    report = {
-        "backend": "onnxruntime",
-        "number_of_images": len(records),
-        "parity": {"max_abs_probability_difference": diff, "tolerance": tolerance,
-                   "compared_with": "the PyTorch probabilities of the final validation evaluation",
-                   "pytorch_mixed_precision": mixed_precision},
-        "metrics": metrics,
-    }
-    (onnx_dir / ONNX_EVAL_FILE).write_text(json.dumps(report, indent=2, default=float) + "\n",
-                                           encoding="utf-8")
-    scalars = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-    if diff > tolerance:
-        why = (" (the PyTorch evaluation ran in mixed precision, ONNX Runtime in float32)"
-               if mixed_precision else "")
-        log.warning("ONNX Runtime probabilities differ from PyTorch's by up to %.3g on the %d "
-                    "validation images, above %g%s", diff, len(records), tolerance, why)
-    else:
-        log.info("ONNX Runtime matches PyTorch on the %d validation images (largest probability "
-                 "difference %.3g)", len(records), diff)
-    log.info("validation metrics with ONNX Runtime: %s", scalars)
-    return onnx_dir

@@ -26,7 +26,8 @@ CALLBACKS = "src/visiontune/training/callbacks.py"
 PIPELINE = "src/visiontune/pipeline.py"
 DEEPSPEED = "src/visiontune/training/deepspeed.py"
 SERVING = "src/visiontune/serving/mlflow_model.py"
-INFERENCE = "src/visiontune/inference.py"
+CLASSIFIER = "src/visiontune/inference/classifier.py"
+PAYLOAD = "src/visiontune/serving/payload.py"
 IMAGES = "src/visiontune/data/images.py"
 OUTPUTS = "src/visiontune/outputs.py"
 PREDICTION = "src/visiontune/prediction.py"
@@ -149,7 +150,7 @@ BREAKS: list[Break] = [
           '{"values": values, "sources": sources, "notes": notes}',
           '{"values": values, "sources": sources, "notes": []}', (T_NOTES,)),
     # --- serving and data limits ---------------------------------------------------------
-    Break("url-download-unbounded", LIMITS, INFERENCE,
+    Break("url-download-unbounded", LIMITS, PAYLOAD,
           "return download(url, max_bytes, timeout=URL_TIMEOUT_S, deadline_s=URL_DEADLINE_S)",
           "return download(url, 2**62, timeout=URL_TIMEOUT_S, deadline_s=URL_DEADLINE_S)",
           (T_IMAGE_BYTES,)),
@@ -159,13 +160,13 @@ BREAKS: list[Break] = [
     Break("max-images-per-request-off-by-one", LIMITS, SERVING,
           "if len(values) > config.max_images_per_request:",
           "if len(values) >= config.max_images_per_request:", (T_IMAGES,)),
-    Break("base64-bytes-limit-off-by-one", LIMITS, INFERENCE,
+    Break("base64-bytes-limit-off-by-one", LIMITS, PAYLOAD,
           "if len(compact) * 3 // 4 - padding > max_bytes:",
           "if len(compact) * 3 // 4 - padding >= max_bytes:", (T_IMAGE_BYTES,)),
-    Break("base64-padding-not-counted", LIMITS, INFERENCE,
+    Break("base64-padding-not-counted", LIMITS, PAYLOAD,
           "if len(compact) * 3 // 4 - padding > max_bytes:",
           "if len(compact) * 3 // 4 > max_bytes:", (T_IMAGE_BYTES,)),
-    Break("raw-bytes-limit-off-by-one", LIMITS, INFERENCE,
+    Break("raw-bytes-limit-off-by-one", LIMITS, PAYLOAD,
           "        if len(data) > max_bytes:\n            raise _too_large(len(data), max_bytes)\n        return data",
           "        if len(data) >= max_bytes:\n            raise _too_large(len(data), max_bytes)\n        return data",
           (T_IMAGE_BYTES,)),
@@ -181,7 +182,7 @@ BREAKS: list[Break] = [
     Break("streamed-download-limit-off-by-one", LIMITS, IMAGES,
           "    if total > limit:\n        raise ImageTooLarge(what, None, limit)",
           "    if total >= limit:\n        raise ImageTooLarge(what, None, limit)", (T_DATA_BYTES,)),
-    Break("pixels-per-image-off-by-one", LIMITS, INFERENCE,
+    Break("pixels-per-image-off-by-one", LIMITS, PAYLOAD,
           "    if width * height > max_pixels:",
           "    if width * height >= max_pixels:", (T_PIXELS_IMAGE,)),
     Break("pixels-per-request-off-by-one", LIMITS, SERVING,
@@ -245,7 +246,7 @@ BREAKS: list[Break] = [
           "y_pred = (probs >= _thresholds(threshold, num_classes)).astype(np.int64)",
           "y_pred = (probs > _thresholds(threshold, num_classes)).astype(np.int64)",
           (T_THRESHOLD_METRICS,)),
-    Break("prediction-threshold-strict", THRESHOLDS, INFERENCE,
+    Break("prediction-threshold-strict", THRESHOLDS, CLASSIFIER,
           "return [c for c, x, t in zip(self.classes, probs, thresholds) if x >= t]",
           "return [c for c, x, t in zip(self.classes, probs, thresholds) if x > t]",
           (T_THRESHOLD_RULE,)),

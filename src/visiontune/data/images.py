@@ -44,7 +44,7 @@ from visiontune.errors import DataError
 MAX_PIXELS = 89_478_485
 HTTP_TIMEOUT_S = 30.0  # per network operation (connect, each read)
 HTTP_DEADLINE_S = 300.0  # for a whole download, so that a server sending a trickle cannot stall it
-# Larger than the serving limit per image (inference.DEFAULT_MAX_IMAGE_BYTES): a photo within
+# Larger than the serving limit per image (serving.payload.DEFAULT_MAX_IMAGE_BYTES): a photo within
 # MAX_PIXELS can legitimately take more as PNG or TIFF. The limit bounds the memory one read
 # may take (a device, a runaway file, an endless download); the max_image_mb input sets it.
 DEFAULT_MAX_FILE_MB = 256  # the max_image_mb input's default

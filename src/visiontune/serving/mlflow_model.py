@@ -41,11 +41,14 @@ from typing import Any
 import mlflow.pyfunc
 import pandas as pd
 
-from visiontune.inference import (
-    DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS_PER_REQUEST,
-)
-from visiontune.model_folder import METADATA_FILE
+from visiontune.inference import Classifier, open_onnx_classifier
+from visiontune.inference.onnx_runtime import EXPORT_METADATA_FILE, ONNX_FILE
+from visiontune.model_folder import METADATA_FILE, read_metadata
 from visiontune.outputs import MLFLOW_WRITER, check_folder, is_visiontune_mlflow_model, staged
+from visiontune.serving.payload import (
+    DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS_PER_REQUEST, PayloadError,
+    decode_payload_bytes, payload_bytes, payload_pixels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ IMAGE_COLUMN = "image"
 DEFAULT_MAX_IMAGES = 256
 ERRORS_SHOWN = 5
 DECODE_THREADS = 8
+ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")  # the model's code (models-from-code)
 
 
 @dataclass(frozen=True)
@@ -115,12 +119,8 @@ class ImageClassifierModel(mlflow.pyfunc.PythonModel):
         _answer_bad_requests_with_400()
         artifacts = context.artifacts
         if "onnx" in artifacts:
-            from visiontune.onnx_export import open_onnx_classifier
-
             self.classifier = open_onnx_classifier(artifacts["onnx"], artifacts.get("model"))
         else:
-            from visiontune.inference import Classifier
-
             self.classifier = Classifier(artifacts["model"])
 
     def predict(self, context, model_input: pd.DataFrame,
@@ -180,8 +180,6 @@ def _decode_all(values: list[Any], config: ServingConfig) -> list[Any]:
     """Every image of the request, or one 400 naming the rows that cannot be used. Decoding
     starts only once every image's bytes are at hand and their pixels (from the headers) are
     within both limits, so that no request decodes more than ``max_pixels_per_request``."""
-    from visiontune.inference import PayloadError, decode_payload_bytes, payload_bytes, payload_pixels
-
     def read(value):
         try:
             data = payload_bytes(value, allow_paths=config.allow_local_paths,
@@ -277,7 +275,6 @@ def _requirements(names) -> list[str]:
 
 def _stage_onnx(onnx_dir: Path, target: Path) -> None:
     from visiontune.errors import UserError
-    from visiontune.onnx_export import EXPORT_METADATA_FILE, ONNX_FILE
 
     meta_path = onnx_dir / EXPORT_METADATA_FILE
     if not meta_path.is_file():
@@ -353,8 +350,6 @@ def save_mlflow_model(model_dir: str | Path, output_dir: str | Path, *,
     Runtime. The other keywords are the ServingConfig stored with the model."""
     import visiontune
     from visiontune.model_card import write_model_card
-    from visiontune.model_folder import read_metadata
-    from visiontune.serving import pyfunc_entry
 
     config = ServingConfig.from_dict({
         "max_image_bytes": max_image_bytes, "max_images_per_request": max_images_per_request,
@@ -383,7 +378,7 @@ def save_mlflow_model(model_dir: str | Path, output_dir: str | Path, *,
         saved = staging / "mlflow"  # save_model wants a new folder
         mlflow.pyfunc.save_model(
             path=str(saved),
-            python_model=pyfunc_entry.__file__,
+            python_model=str(ENTRY_FILE),
             artifacts=artifacts,
             code_paths=[str(Path(visiontune.__file__).parent)],
             pip_requirements=_requirements(requirements),

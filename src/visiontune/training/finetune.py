@@ -313,7 +313,7 @@ def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data,
     choose_workers(values, sources, use_cpu)
     plan = plan_training(values, use_cpu=use_cpu, bf16_ok=bf16_ok)
     if values["apply_ort"]:
-        from visiontune.onnx_export import check_apply_ort
+        from visiontune.training.apply_ort import check_apply_ort
 
         check_apply_ort()  # missing packages fail here, before any data or model is loaded
     check_outputs(values)
@@ -427,7 +427,7 @@ def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data,
         _write_outputs(out, trainer, processor, pre, timm, data, values, sources, plan.notes,
                        metrics, base_model, metadata,
                        describe_augmentations(pre, values["apply_augmentations"], on_device))
-        from visiontune.onnx_export import ONNX_SUBDIR, export_and_validate
+        from visiontune.training.apply_ort import ONNX_SUBDIR, export_and_validate
 
         onnx_dir = None
         if values["apply_ort"]:
