@@ -45,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from conftest import free_port
+from tests.helpers import free_port
 
 ENV_CACHE_VAR = "VISIONTUNE_AZURE_ENV_CACHE"
 DEFAULT_ENV_CACHE = Path.home() / ".cache" / "visiontune" / "azure-envs"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import visiontune
-from conftest import subset
+from tests.helpers import subset
 from visiontune.errors import UserError
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-import azure_job as AJ
-from conftest import subset
+from tests import azure_job as AJ
+from tests.helpers import subset
 from visiontune import components as C
 from visiontune import inputs as I
 from visiontune.errors import UserError
@@ -174,7 +174,7 @@ def _azure_finetune_model_path(model_path: Path) -> str:
 def test_azure_s_finetune_reads_visiontune_s_import_output(kind, tmp_path):
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from tiny_models import save_tiny_model
+    from tests.tiny_models import save_tiny_model
     from visiontune.models.importer import import_model
 
     source = save_tiny_model(kind, tmp_path / "source", num_labels=3, image_size=32)

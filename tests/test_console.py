@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import subset
+from tests.helpers import subset
 from visiontune import console
 
 ANSI = re.compile(r"\x1b\[")

@@ -21,7 +21,7 @@ from sklearn.metrics import (
     precision_score, recall_score,
 )
 
-from conftest import subset
+from tests.helpers import subset
 from visiontune.cli import main
 from visiontune.errors import DataError, UserError
 from visiontune.evaluation import run_evaluate
@@ -47,7 +47,7 @@ def read_jsonl(path):
 def make_model(path, task, train_jsonl=None, bias_shift=0.0):
     """A "fine-tuned" output folder: tiny ViT + model_selector_args.json. With ``train_jsonl``
     the head is fitted to those images; ``bias_shift`` is added to every logit afterwards."""
-    from tiny_models import save_tiny_model
+    from tests.tiny_models import save_tiny_model
     from visiontune.model_folder import write_metadata
 
     path = Path(path)

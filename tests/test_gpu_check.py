@@ -1,6 +1,6 @@
 """The GPU check script cannot rot: ``python -m benchmarks.gpu_check --dry`` runs its steps on
 the CPU with tiny models. The quick test leaves out the DeepSpeed run and the speed comparison
-(each a minute or more here; tests/test_deepspeed.py and tests/test_benchmark_smoke.py run those
+(each a minute or more here; tests/training/test_deepspeed.py and tests/test_benchmark_smoke.py run those
 paths); the slow one runs every step."""
 
 import json

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from huggingface_hub import ModelCard
 
-from conftest import subset
+from tests.helpers import subset
 from visiontune.cli import main
 from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, MULTILABEL, resolve
 from visiontune.model_card import (

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from tiny_models import random_images, save_tiny_model  # noqa: E402
+from tests.tiny_models import random_images, save_tiny_model  # noqa: E402
 
 from visiontune.cli import main  # noqa: E402
 from visiontune.errors import UserError  # noqa: E402

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import subset
+from tests.helpers import subset
 from visiontune.cli import main
 from visiontune.errors import UserError
 from visiontune.outputs import LOCK_FILE, STAGING_PREFIX, FolderLock, check_folder, staged

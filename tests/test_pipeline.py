@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import subset
+from tests.helpers import subset
 from visiontune.cli import main
 
 MC = "image-classification"

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import subset
-from test_evaluate import CLASSES, make_model, read_jsonl
+from tests.helpers import subset
+from tests.test_evaluate import CLASSES, make_model, read_jsonl
 from visiontune.cli import main
 from visiontune.data.images import load_image
 from visiontune.errors import UserError

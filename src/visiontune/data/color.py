@@ -9,7 +9,7 @@ bitwise (``where`` and fancy indexing branch per element), ``fmod``/``remainder`
 subtractions that are exact on the ranges involved, and divisions by a masked denominator
 become divisions by ``max(x, smallest subnormal)``, equal wherever it matters. Every float32
 operation that produces a pixel's value is the same, so the output is identical to the bit
-(``tests/test_data_transforms.py`` compares the two on every colour of a dense grid), in
+(``tests/data/test_transforms.py`` compares the two on every colour of a dense grid), in
 about a third of the time.
 """
 

@@ -234,7 +234,7 @@ class Compose(v2.Compose):
     ``torch.rand``) in torchvision's order, and the hue shift of ``visiontune.data.color``.
 
     The output is the same, to the bit and for the same random state, as ``v2.Compose``'s
-    (``tests/test_data_transforms.py``), in less time: it leaves out v2's per-call dispatch
+    (``tests/data/test_transforms.py``), in less time: it leaves out v2's per-call dispatch
     (flattening the inputs, type checks, kernel lookup) at every step and image, and v2's hue
     kernel (the times: BENCHMARKS.md, *Levers*). Any other input, or a step this class does
     not know, goes through torchvision as usual."""

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainingArguments
 
-from conftest import needs_native_bf16, subset
-from tiny_models import build_tiny_model, random_images, save_tiny_model
+from tests.helpers import needs_native_bf16, subset
+from tests.tiny_models import build_tiny_model, random_images, save_tiny_model
 from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, resolve
 from visiontune.models import depthwise, hardtanh
 from visiontune.models.depthwise import FastDepthwise, fast_depthwise, input_grad, weight_grad

@@ -2,7 +2,7 @@
 process waits for rank 0 (``distributed.wait_for_main_process``, a barrier under a launcher)
 comes after the last file of the fine-tuned model, the MLflow model and the evaluation report
 was written. Checked in one process, by what the output folders hold at each wait; the
-multi-process runs are in tests/test_distributed.py."""
+multi-process runs are in tests/training/test_distributed.py."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiny_models import save_tiny_model
+from tests.tiny_models import save_tiny_model
 from visiontune.outputs import LOCK_FILE, STAGING_PREFIX
 from visiontune.training import distributed
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tiny_models import KINDS, random_images, save_tiny_model, tiny_labels
+from tests.tiny_models import KINDS, random_images, save_tiny_model, tiny_labels
 from visiontune.errors import UserError
 from visiontune.models.importer import import_model
 from visiontune.models.loading import load_for_finetune, load_image_processor

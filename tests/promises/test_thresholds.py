@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import f1_score
 
-from tiny_models import random_images, save_tiny_model
+from tests.tiny_models import random_images, save_tiny_model
 from visiontune.data.images import load_image
 from visiontune.data.transforms import Preprocessing
 from visiontune.inference import Classifier, ClassifierBase

@@ -42,7 +42,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import subset
+from tests.helpers import subset
 from visiontune.cli import main
 
 MULTICLASS, MULTILABEL = "image-classification", "image-classification-multilabel"
@@ -75,7 +75,7 @@ class Shared:
 
 
 def _finetuned_like(path: Path, task: str) -> Path:
-    from tiny_models import save_tiny_model
+    from tests.tiny_models import save_tiny_model
     from visiontune.model_folder import write_metadata
 
     save_tiny_model("vit", path, image_size=32, labels=DIGITS)
@@ -1266,7 +1266,7 @@ def _probabilities(status: int, body: bytes) -> list[list[float]]:
 def scoring_server(demo_dir, tiny_vit, tmp_path_factory):
     """A tiny ViT fine-tuned for two steps by ``visiontune finetune``, its MLflow model served
     by ``mlflow models serve`` on 127.0.0.1, and the probabilities of its first good answer."""
-    from test_serving import READY_TIMEOUT_S, Server
+    from tests.serving.test_serving import READY_TIMEOUT_S, Server
 
     root = tmp_path_factory.mktemp("served")
     train = subset(demo_dir / "digits" / "train", root / "train.jsonl", 2, per_class=True)

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import visiontune
-from conftest import subset
+from tests.helpers import subset
 from visiontune.data.check import check_data
 from visiontune.data.sources import load_records
 from visiontune.errors import DataError

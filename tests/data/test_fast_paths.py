@@ -149,7 +149,7 @@ def test_channels_last_tensor_feeds_the_same_values(photo):
 def test_prediction_scores_match_the_classifier(tmp_path):
     """score_images (threaded decoding and preprocessing, batches as they come) against
     Classifier.logits on the same images decoded one by one."""
-    from tiny_models import random_images, save_tiny_model
+    from tests.tiny_models import random_images, save_tiny_model
     from visiontune.inference import Classifier, score_images
 
     folder = save_tiny_model("timm", tmp_path / "model", num_labels=3, image_size=32)

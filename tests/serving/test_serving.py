@@ -25,8 +25,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import free_port
-from tiny_models import random_images, save_tiny_model
+from tests.helpers import free_port
+from tests.tiny_models import random_images, save_tiny_model
 from visiontune.inference import Classifier
 from visiontune.model_folder import write_metadata
 from visiontune.serving.mlflow_model import ImageClassifierModel, ServingConfig, save_mlflow_model

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 
 import visiontune
-from conftest import subset
-from stores import azurite_available, blob_server, gcs_server, s3_server
+from tests.helpers import subset
+from tests.stores import azurite_available, blob_server, gcs_server, s3_server
 from visiontune.data.check import check_data
 from visiontune.data.sources import load_records
 from visiontune.errors import DataError

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny_models import KINDS, random_images, save_tiny_model
+from tests.tiny_models import KINDS, random_images, save_tiny_model
 from visiontune.errors import UserError
 from visiontune.model_folder import METADATA_FILE, read_metadata, write_metadata
 from visiontune.models.importer import import_model
@@ -215,7 +215,7 @@ def test_pytorch_bin_is_converted_to_safetensors(tiny, tmp_path):
 
 
 def test_sharded_safetensors_are_copied(tmp_path):
-    from tiny_models import build_tiny_model
+    from tests.tiny_models import build_tiny_model
 
     model, processor = build_tiny_model("vit")
     src = tmp_path / "sharded"

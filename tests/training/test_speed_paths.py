@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageClassification, TrainerCallback
 
-from conftest import subset
-from tiny_models import build_tiny_model, random_images, save_tiny_model
+from tests.helpers import subset
+from tests.tiny_models import build_tiny_model, random_images, save_tiny_model
 from visiontune.inference import Classifier
 from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, resolve
 from visiontune.models.loading import is_cnn, prefer_channels_last

@@ -1,5 +1,5 @@
 """DeepSpeed on this CPU: ZeRO-2 over gloo under torchrun, and a plain ``python`` run (a
-one-process group). The merge rule's unit tests need no deepspeed: tests/test_training_plan.py.
+one-process group). The merge rule's unit tests need no deepspeed: tests/training/test_training_plan.py.
 
 The first DeepSpeed run on a machine compiles a communication extension (about 30 s to 2 min,
 then cached in ~/.cache/torch_extensions), so the runs are marked slow.
@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
-from test_distributed import (  # noqa: E402
+from tests.training.test_distributed import (  # noqa: E402
     clean_env, cli_args, free_port, make_datasets, run_together, why,
 )
 from visiontune import inputs as I  # noqa: E402
@@ -100,7 +100,7 @@ def test_zero3_bf16_batch_norm_model_gets_its_new_head_and_float32_weights(datas
     saved weights are float32. Learning rate 0 keeps the weights as initialised."""
     import torch
     from safetensors.torch import load_file
-    from tiny_models import save_tiny_model
+    from tests.tiny_models import save_tiny_model
     from transformers import set_seed
 
     from visiontune.models.loading import load_for_finetune

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import subset
+from tests.helpers import subset
 from visiontune.cli import main
 from visiontune.errors import UserError
 from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, resolve

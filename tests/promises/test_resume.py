@@ -1,7 +1,7 @@
 """Resume takes the newest *complete* checkpoint: one whose marker was written after its last
 file and whose files are all still there; a half-written one is removed, never resumed from;
 ``metrics.jsonl`` keeps each step once. These are the choices made before training, without a
-model (the trained steps and weights of a resumed run are in tests/test_finetune.py)."""
+model (the trained steps and weights of a resumed run are in tests/training/test_finetune.py)."""
 
 from __future__ import annotations
 

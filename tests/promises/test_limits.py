@@ -2,7 +2,7 @@
 it: a served model's ``max_image_bytes`` (base64 text of every padding, wrapped lines, a data:
 URL, raw bytes, a local path, a URL with and without a declared length) and
 ``max_images_per_request``, and the data layer's per-image byte limit (``--max_image_mb``) for
-files and downloads. Everything in process; the real server is tests/test_serving.py."""
+files and downloads. Everything in process; the real server is tests/serving/test_serving.py."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_serving import LABELS, scoring_model  # noqa: F401 (a fixture)
-from test_serving import _predict as predict
-from test_serving import _refused as refused
+from tests.serving.test_serving import LABELS, scoring_model  # noqa: F401 (a fixture)
+from tests.serving.test_serving import _predict as predict
+from tests.serving.test_serving import _refused as refused
 from visiontune.data import images as data_images
 from visiontune.errors import DataError
 

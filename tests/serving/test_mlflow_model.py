@@ -20,7 +20,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from test_serving import LABELS, Server, finetuned
+from tests.serving.test_serving import LABELS, Server, finetuned
 from visiontune.serving.mlflow_model import save_mlflow_model
 from visiontune.tasks import MULTICLASS, MULTILABEL
 
@@ -106,7 +106,7 @@ def test_fresh_environment_from_its_own_requirements(saved, tmp_path):
     """A virtual environment holding only the model's requirements.txt (built once per
     requirements, then cached): ``load_model`` and ``mlflow models serve`` there answer the
     serving example as this process does."""
-    import azure_job
+    from tests import azure_job
 
     model_dir = saved[1]
     requirements = (model_dir / "requirements.txt").read_text()

@@ -154,7 +154,7 @@ def test_deepspeed_config_must_be_json(tmp_path):
 
 
 # DeepSpeed: the configuration's checks and the rule "the component's inputs win" (no deepspeed
-# package needed; tests/test_deepspeed.py runs it).
+# package needed; tests/training/test_deepspeed.py runs it).
 from visiontune.training import deepspeed as ds  # noqa: E402
 
 

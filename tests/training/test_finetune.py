@@ -13,7 +13,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score
 
-from conftest import subset
+from tests.helpers import subset
 from visiontune.cli import main
 from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, MULTILABEL, resolve
 from visiontune.training.finetune import finetune

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiny_models import save_tiny_model
+from tests.tiny_models import save_tiny_model
 from visiontune.inference import ClassifierBase
 from visiontune.model_folder import write_metadata
 from visiontune.outputs import STAGING_PREFIX, staged

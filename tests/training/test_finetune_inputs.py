@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from conftest import subset
+from tests.helpers import subset
 from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, resolve
 from visiontune.training.finetune import finetune
 

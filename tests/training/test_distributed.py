@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port, needs_native_bf16, subset
+from tests.helpers import free_port, needs_native_bf16, subset
 from visiontune.cli import main
 from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, MULTILABEL, resolve
 from visiontune.training.finetune import finetune
@@ -342,7 +342,7 @@ def test_one_process_world_is_described_and_taken_away_again(monkeypatch):
 def test_torchrun_bf16_cnn_with_the_fast_depthwise_backward(datasets, tmp_path):
     """precision 16 on the CPU under DDP: the depthwise convolutions' own backward feeds DDP's
     gradient all-reduce, and the run trains and finishes on every rank."""
-    from tiny_models import save_tiny_model
+    from tests.tiny_models import save_tiny_model
 
     model = save_tiny_model("timm", tmp_path / "cnn", num_labels=3, image_size=32)
     out, task = tmp_path / "bf16", MULTICLASS
@@ -413,7 +413,7 @@ def save_tiny_dinov2(path: Path) -> Path:
 
 
 def test_the_weights_without_a_gradient_are_found_without_side_effects(tmp_path):
-    from tiny_models import build_tiny_model
+    from tests.tiny_models import build_tiny_model
     from transformers import AutoModelForImageClassification
 
     from visiontune.training.trainer import unused_parameters
