@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from visiontune.data import images
+from visiontune.data import files, images
 from visiontune.data.images import (
     decode_image, load_image, read_image_bytes, to_uint8_tensor, verify_image,
 )
@@ -346,7 +346,7 @@ def test_file_size_limit_at_and_over(tmp_path, monkeypatch):
         out.truncate(images.max_file_bytes() + 1)
     with pytest.raises(DataError, match=r"huge.png is 256.0 MB, over the limit of 256.0 MB per image"):
         load_image(str(huge))
-    monkeypatch.setattr(images, "_max_file", {"bytes": size})  # what --max_image_mb sets
+    monkeypatch.setitem(files._max_file, "bytes", size)  # what --max_image_mb sets
     assert images.max_file_bytes() == size
     assert load_image(str(path)).size == (5, 4)
 

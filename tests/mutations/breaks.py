@@ -29,6 +29,7 @@ SERVING = "src/visiontune/serving/mlflow_model.py"
 CLASSIFIER = "src/visiontune/inference/classifier.py"
 PAYLOAD = "src/visiontune/serving/payload.py"
 IMAGES = "src/visiontune/data/images.py"
+FILES = "src/visiontune/data/files.py"
 OUTPUTS = "src/visiontune/outputs.py"
 PREDICTION = "src/visiontune/prediction.py"
 ONNX = "src/visiontune/onnx_export.py"
@@ -179,7 +180,7 @@ BREAKS: list[Break] = [
     Break("declared-download-length-off-by-one", LIMITS, IMAGES,
           "if declared and declared.isdigit() and int(declared) > limit:",
           "if declared and declared.isdigit() and int(declared) >= limit:", (T_DATA_BYTES,)),
-    Break("streamed-download-limit-off-by-one", LIMITS, IMAGES,
+    Break("streamed-download-limit-off-by-one", LIMITS, FILES,
           "    if total > limit:\n        raise ImageTooLarge(what, None, limit)",
           "    if total >= limit:\n        raise ImageTooLarge(what, None, limit)", (T_DATA_BYTES,)),
     Break("pixels-per-image-off-by-one", LIMITS, PAYLOAD,

@@ -18,6 +18,7 @@ from PIL import Image
 from tests.serving.test_serving import LABELS, scoring_model  # noqa: F401 (a fixture)
 from tests.serving.test_serving import _predict as predict
 from tests.serving.test_serving import _refused as refused
+from visiontune.data import files as data_files
 from visiontune.data import images as data_images
 from visiontune.errors import DataError
 
@@ -162,9 +163,9 @@ def test_data_byte_limit_below_at_and_over(where, tmp_path, web, download_cache,
     for limit in (size, size + 1):
         assert data_images.read_image_bytes(uri, max_bytes=limit) == data
     # the limit of the max_image_mb input, as commands set it (a cached download included)
-    monkeypatch.setitem(data_images._max_file, "bytes", size)
+    monkeypatch.setitem(data_files._max_file, "bytes", size)
     assert data_images.read_image_bytes(uri) == data
-    monkeypatch.setitem(data_images._max_file, "bytes", size - 1)
+    monkeypatch.setitem(data_files._max_file, "bytes", size - 1)
     with pytest.raises(DataError, match="image too large"):
         data_images.read_image_bytes(uri)
 
@@ -176,7 +177,7 @@ def test_data_byte_limit_makes_a_bad_row_not_a_crash(tmp_path, monkeypatch):
     (tmp_path / "a.png").write_bytes(data)
     (tmp_path / "b.png").write_bytes(data + b"\0")
     records = [type("R", (), {"image": str(tmp_path / n)})() for n in ("a.png", "b.png")]
-    monkeypatch.setitem(data_images._max_file, "bytes", len(data))
+    monkeypatch.setitem(data_files._max_file, "bytes", len(data))
     results = check_images(records)
     assert results[str(tmp_path / "a.png")] == (24, 20)
     assert "image too large" in results[str(tmp_path / "b.png")]

@@ -88,9 +88,9 @@ def test_finetune_data_preparation_reports_them_too(rows_with_unreadable_images,
     thread, and with a small limit, so that a read that blocks or never ends fails the test
     instead of hanging it or filling the memory."""
     rows, expected = rows_with_unreadable_images
-    from visiontune.data import images
+    from visiontune.data import files
 
-    monkeypatch.setattr(images, "_max_file", {"bytes": 1 << 20})  # what --max_image_mb 1 sets
+    monkeypatch.setitem(files._max_file, "bytes", 1 << 20)  # what --max_image_mb 1 sets
     expected[-1] = expected[-1].replace("the limit of 256.0 MB", "the limit of 1.0 MB")
     outcome = []
 

@@ -18,6 +18,7 @@ import os
 import sqlite3
 from contextlib import closing
 from pathlib import Path
+from visiontune.data.files import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,6 @@ def stamp(uri: str) -> Stamp | None:
 
 
 def _connect() -> sqlite3.Connection:
-    from visiontune.data.images import cache_dir
-
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     connection = sqlite3.connect(folder / FILE, timeout=30)

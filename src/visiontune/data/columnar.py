@@ -30,13 +30,13 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from visiontune.data.files import cache_dir
 from visiontune.errors import DataError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_IMAGE_COLUMN = "image_url"
 DEFAULT_LABEL_COLUMN = "label"
-SHARD_SUFFIXES = (".tar",)
 HF_STATE = "state.json"
 HF_INFO = "dataset_info.json"
 HF_DICT = "dataset_dict.json"
@@ -64,7 +64,6 @@ def image_suffix(data: bytes, name: str = "") -> str:
 
 
 def embedded_root() -> Path:
-    from visiontune.data.images import cache_dir
 
     return cache_dir() / "embedded"
 

@@ -36,6 +36,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from visiontune.data import storage
 from visiontune.console import AZURE_LIBRARIES, silenced
+from visiontune.data.files import (  # noqa: F401 (also read from here)
+    DEFAULT_MAX_FILE_MB, ImageTooLarge, cache_dir, max_file_bytes, read_at_most, set_max_file_bytes,
+)
 from visiontune.data.mltable import local_path
 from visiontune.errors import DataError
 
@@ -44,11 +47,6 @@ from visiontune.errors import DataError
 MAX_PIXELS = 89_478_485
 HTTP_TIMEOUT_S = 30.0  # per network operation (connect, each read)
 HTTP_DEADLINE_S = 300.0  # for a whole download, so that a server sending a trickle cannot stall it
-# Larger than the serving limit per image (serving.payload.DEFAULT_MAX_IMAGE_BYTES): a photo within
-# MAX_PIXELS can legitimately take more as PNG or TIFF. The limit bounds the memory one read
-# may take (a device, a runaway file, an endless download); the max_image_mb input sets it.
-DEFAULT_MAX_FILE_MB = 256  # the max_image_mb input's default
-_max_file = {"bytes": DEFAULT_MAX_FILE_MB << 20}
 _EXIF_ORIENTATION = 0x0112
 # Opening a named pipe without O_NONBLOCK waits for a writer, forever; a regular file ignores it.
 _OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
@@ -64,40 +62,6 @@ def refuse_bombs() -> None:
     """Make Pillow's decompression-bomb warning an error in this process (again, if needed)."""
     if _BOMB_FILTER not in warnings.filters:
         warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
-
-
-def cache_dir() -> Path:
-    """Where downloaded images (and, under ``embedded/``, images stored inside data files) are
-    kept: $VISIONTUNE_CACHE_DIR or ~/.cache/visiontune/images."""
-    from visiontune import settings
-
-    configured = settings.text("VISIONTUNE_CACHE_DIR")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "visiontune" / "images"
-
-
-def max_file_bytes() -> int:
-    """The most bytes one image file or download may hold (the ``max_image_mb`` input)."""
-    return _max_file["bytes"]
-
-
-def set_max_file_bytes(limit: int) -> None:
-    """Set the limit for this process (commands call it with their ``max_image_mb`` input)."""
-    _max_file["bytes"] = max(1, int(limit))
-
-
-def _size(n: int) -> str:
-    return f"{n / (1 << 20):.1f} MB" if n >= 1 << 20 else f"{n:,} bytes"
-
-
-class ImageTooLarge(DataError):
-    """An image file or download over the byte limit. ``size``: its size when known (a file's,
-    a declared download's); None when reading stopped at the limit."""
-
-    def __init__(self, what: str, size: int | None, limit: int):
-        self.size, self.limit = size, limit
-        held = f"is {_size(size)}, over" if size is not None else "holds more than"
-        super().__init__(f"image too large: {what} {held} the limit of {_size(limit)} per image "
-                         "(the max_image_mb input raises it)")
 
 
 def read_image_bytes(uri: str, max_bytes: int | None = None) -> bytes:
@@ -153,27 +117,6 @@ def read_local_file(path: Path, limit: int) -> bytes:
             os.set_blocking(fd, True)
         # ImageTooLarge too when it grew while being read
         return read_at_most(handle.read, limit, str(path), first=info.st_size + 1)
-
-
-def read_at_most(read, limit: int, what: str, first: int = 1 << 20,
-                 deadline: float | None = None) -> bytes:
-    """Call ``read(n)`` until it returns nothing; ImageTooLarge naming ``what`` as soon as more
-    than ``limit`` bytes have come (at most ``limit`` + 1 are read). ``first``: the size of the
-    first read (a file's size + 1 reads a whole file in one call). TimeoutError when
-    ``deadline`` (time.monotonic()) passes."""
-    chunks, total, want = [], 0, first
-    while total <= limit:
-        if deadline is not None and time.monotonic() > deadline:
-            raise TimeoutError("the download took too long")
-        chunk = read(max(1, min(want, limit + 1 - total)))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-        want = 1 << 20
-    if total > limit:
-        raise ImageTooLarge(what, None, limit)
-    return b"".join(chunks)
 
 
 def _read_cached(url: str, limit: int, fetch: Callable[[str, int], bytes]) -> bytes:

@@ -38,18 +38,13 @@ from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 from visiontune.data import storage
+from visiontune.data.files import (  # noqa: F401 (also read from here)
+    DELIMITED_SUFFIXES, FORMAT_SUFFIXES, JSON_LINES_SUFFIXES, MLTABLE_FILE, PARQUET_SUFFIXES,
+)
 from visiontune.errors import DataError
 
 log = logging.getLogger(__name__)
 
-MLTABLE_FILE = "MLTable"
-
-JSON_LINES_SUFFIXES = (".jsonl", ".json", ".jsonlines", ".ndjson")
-DELIMITED_SUFFIXES = (".csv", ".tsv", ".txt")
-PARQUET_SUFFIXES = (".parquet", ".parq")
-# The files each format reads, and how they are named in messages.
-FORMAT_SUFFIXES = {"json_lines": JSON_LINES_SUFFIXES, "delimited": DELIMITED_SUFFIXES,
-                   "parquet": PARQUET_SUFFIXES}
 FORMAT_NAMES = {"json_lines": "JSON Lines", "delimited": "delimited", "parquet": "Parquet"}
 READERS = {"read_json_lines": "json_lines", "read_delimited": "delimited",
            "read_parquet": "parquet"}

@@ -35,10 +35,11 @@ from urllib.parse import urlparse
 
 from visiontune.data import columnar, storage
 from visiontune.data.labels import Label, check_task, normalize_label, parse_text_label
-from visiontune.data.mltable import (
+from visiontune.data.files import (
     DELIMITED_SUFFIXES, FORMAT_SUFFIXES, JSON_LINES_SUFFIXES, MLTABLE_FILE, PARQUET_SUFFIXES,
-    TableSpec, local_path, read_mltable,
+    SHARD_SUFFIXES,
 )
+from visiontune.data.mltable import TableSpec, local_path, read_mltable
 from visiontune.errors import DataError
 from visiontune.tasks import MULTICLASS
 
@@ -102,7 +103,7 @@ def table_spec(path: Path) -> TableSpec | None:
     if not path.is_dir():
         suffix = path.suffix.lower()
         formats = {s: fmt for fmt, suffixes in (*FORMAT_SUFFIXES.items(),
-                                                ("shards", columnar.SHARD_SUFFIXES))
+                                                ("shards", SHARD_SUFFIXES))
                    for s in suffixes}
         if path.name == MLTABLE_FILE:
             return read_mltable(path.parent)
@@ -119,7 +120,7 @@ def table_spec(path: Path) -> TableSpec | None:
         columnar.refuse_dataset_dict(path)
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     if files and not any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
-        for fmt, suffixes in (("parquet", PARQUET_SUFFIXES), ("shards", columnar.SHARD_SUFFIXES)):
+        for fmt, suffixes in (("parquet", PARQUET_SUFFIXES), ("shards", SHARD_SUFFIXES)):
             if all(p.suffix.lower() in suffixes for p in files):
                 columnar.refuse_mixed_splits(path, files)
                 return TableSpec(base_dir=path, files=files, format=fmt)

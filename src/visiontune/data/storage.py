@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse, urlunparse
 
+from visiontune.data.files import (
+    FORMAT_SUFFIXES, MLTABLE_FILE, SHARD_SUFFIXES, ImageTooLarge, cache_dir, read_at_most,
+)
 from visiontune.errors import DataError
 from visiontune.outputs import write_text_atomic
 
@@ -78,8 +81,6 @@ def reason(exc: BaseException) -> str:
 
 def read_object(uri: str, limit: int) -> bytes:
     """The bytes of one object, at most ``limit``; DataError otherwise."""
-    from visiontune.data.images import ImageTooLarge, read_at_most
-
     fs, path = filesystem(uri)
     try:
         size = fs.size(path)
@@ -109,10 +110,6 @@ def mirror(uri: str) -> Path:
     Parquet, shards, Arrow) below it, never its images. The copy lives under the cache folder,
     keyed by the URI; a file is fetched again when the store's version of it (ETag, modification
     time or size) changes. ``remote_folder`` maps the copy back to the store."""
-    from visiontune.data.columnar import SHARD_SUFFIXES
-    from visiontune.data.images import cache_dir
-    from visiontune.data.mltable import FORMAT_SUFFIXES, MLTABLE_FILE
-
     # What the readers read (a saved dataset's Arrow files too); images stay where they are.
     tables = (*(s for suffixes in FORMAT_SUFFIXES.values() for s in suffixes), *SHARD_SUFFIXES,
               ".arrow")
@@ -172,7 +169,6 @@ def _fetch(fs: Any, remote: str, info: dict, local: Path, uri: str) -> None:
 @functools.lru_cache(maxsize=256)
 def remote_folder(folder: Path) -> str | None:
     """The store folder a local copy made by ``mirror`` stands for (None if not a copy)."""
-    from visiontune.data.images import cache_dir
 
     root = cache_dir() / "sources"
     try:
