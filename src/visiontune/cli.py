@@ -63,7 +63,7 @@ def _finetune(values: dict[str, Any]) -> int:
 
 
 def _pipeline(values: dict[str, Any]) -> int:
-    from visiontune.pipeline import run_pipeline
+    from visiontune.pipeline_run import run_pipeline
 
     return run_pipeline(values)
 
