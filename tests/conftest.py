@@ -57,6 +57,19 @@ def subset(split_dir: Path, out: Path, n: int, per_class: bool = False,
     return out
 
 
+def workers_config(number_of_workers: int | None = None):
+    """A finetune config (placeholder paths) whose number_of_workers is given, or chosen by the
+    defaults chain (8) when None."""
+    from visiontune.config import FinetuneConfig, resolve
+    from visiontune.training.defaults import apply_defaults
+
+    given = {"model_path": "m", "training_data": "d", "task_name": "image-classification",
+             "output_dir_pytorch": "o"}
+    if number_of_workers is not None:
+        return resolve(FinetuneConfig, {**given, "number_of_workers": number_of_workers})
+    return apply_defaults(resolve(FinetuneConfig, given), None)
+
+
 @pytest.fixture(scope="session")
 def tiny_vit(tmp_path_factory) -> Path:
     from tiny_models import save_tiny_model
