@@ -44,3 +44,16 @@ needs_native_bf16 = pytest.mark.skipif(
     not native_cpu_bf16(),
     reason="needs a CPU with native bf16 (AVX-512 BF16 or AMX), where visiontune's bf16 paths run; "
            "this CPU emulates bf16")
+
+
+def workers_config(number_of_workers: int | None = None):
+    """A finetune config (placeholder paths) whose number_of_workers is given, or chosen by the
+    defaults chain (8) when None."""
+    from visiontune.config import FinetuneConfig, resolve
+    from visiontune.training.defaults import apply_defaults
+
+    given = {"model_path": "m", "training_data": "d", "task_name": "image-classification",
+             "output_dir_pytorch": "o"}
+    if number_of_workers is not None:
+        return resolve(FinetuneConfig, {**given, "number_of_workers": number_of_workers})
+    return apply_defaults(resolve(FinetuneConfig, given), None)

@@ -77,6 +77,22 @@ def test_predict_and_export_return_what_they_wrote(trained, digits, tmp_path):
     assert onnx.is_file() and onnx.suffix == ".onnx"
 
 
+def test_pipeline_returns_the_model_and_the_report_and_prints_nothing(tiny_vit, digits, tmp_path,
+                                                                     capsys):
+    import visiontune.pipeline_run  # noqa: F401 (the module does not shadow the function)
+
+    result = visiontune.pipeline(
+        pytorch_model=tiny_vit, training_data=digits[0], validation_data=digits[1],
+        test_data=digits[2], task_name="image-classification", output_dir_pytorch=tmp_path / "pt",
+        number_of_epochs=1, image_height=32, image_width=32, number_of_workers=0,
+        save_as_mlflow_model=False)
+    assert capsys.readouterr().out == ""
+    assert result.finetune.output_dir_pytorch == tmp_path / "pt" and result.finetune.classes == ["0", "1", "2"]
+    assert result.evaluation_dir == tmp_path / "pt" / "evaluation" and result.test_data == str(digits[2])
+    saved = json.loads((result.evaluation_dir / "metrics.json").read_text())
+    assert result.evaluation == saved and saved["number_of_images"] == 12
+
+
 def test_import_model_returns_a_folder_finetune_takes(tmp_path):
     folder = visiontune.import_model(model_name="efficientnet-lite0", output_dir=tmp_path / "m")
     assert isinstance(folder, Path) and (folder / "model_selector_args.json").is_file()

@@ -26,6 +26,7 @@ from tests import azure_job as AJ
 from tests.helpers import subset
 from visiontune import components as C
 from visiontune import inputs as I
+from visiontune.config import resolve
 from visiontune.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,8 +68,8 @@ def test_command_drops_unset_optional_parts_and_applies_defaults():
 
     args = build_parser().parse_args(argv[3:])
     given = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("command", "config")}
-    resolved = I.resolve(I.FINETUNE_INPUTS, given)
-    assert resolved["number_of_workers"] == 8 and resolved["precision"] == 32
+    resolved = resolve(I.FINETUNE_INPUTS, given)
+    assert resolved.number_of_workers == 8 and resolved.precision == 32
 
 
 def test_a_required_input_without_value_or_an_unknown_input_is_refused():
@@ -116,7 +117,7 @@ def test_finetune_reads_azure_s_import_output(tiny_vit, demo_dir, tmp_path):
     train = subset(demo_dir / "digits" / "train", tmp_path / "train.jsonl", 3, per_class=True)
     val = subset(demo_dir / "digits" / "validation", tmp_path / "val.jsonl", 2, per_class=True)
     out = tmp_path / "out"
-    result = finetune(I.resolve(I.FINETUNE_INPUTS, {
+    result = finetune(resolve(I.FINETUNE_INPUTS, {
         "model_path": str(imported), "training_data": str(train), "validation_data": str(val),
         "task_name": MC, "output_dir_pytorch": str(out), "save_as_mlflow_model": False,
         "number_of_workers": 0, **QUICK}))

@@ -21,6 +21,7 @@ import yaml
 from visiontune import components as C
 from visiontune import inputs as I
 from visiontune.cli import build_parser
+from visiontune.config import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDER = REPO / "components"
@@ -201,9 +202,9 @@ def test_the_cli_keeps_its_own_number_of_workers_default():
     (8 with a GPU, 0 on a CPU-only run)."""
     spec = I.by_name(I.FINETUNE_INPUTS)["number_of_workers"]
     assert spec.auto and spec.default is None
-    values = I.resolve(I.FINETUNE_INPUTS, {"model_path": "m", "training_data": "d",
+    values = resolve(I.FINETUNE_INPUTS, {"model_path": "m", "training_data": "d",
                                            "task_name": I.MULTICLASS, "output_dir_pytorch": "o"})
-    assert values["number_of_workers"] is None
+    assert values.number_of_workers is None
     assert "(default: auto)" in _subcommand("finetune").format_help().replace("\n", " ").replace("  ", " ")
 
 
@@ -238,18 +239,18 @@ def test_the_command_parses_with_the_cli(file, with_optional):
     assert argv[:3] == ["python", "-m", "visiontune"] and argv[3] == component.command
     args = parser.parse_args(argv[4:])
     given = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "config"}
-    values = I.resolve(parser.get_default("_specs"), given)
+    values = resolve(parser.get_default("_specs"), given)
     in_component = {i.name for i in component.inputs if i.in_component}
     optional = {i.name for i in C.azure_inputs(component.inputs) if not i.required}
     assert set(given) == (in_component if with_optional else in_component - optional)
     if "extra_optim_args" in given:
-        assert values["extra_optim_args"] == "a b; c"  # free text stays one argument
+        assert values.extra_optim_args == "a b; c"  # free text stays one argument
     if "precision" in given:
-        assert values["precision"] == 16  # the string enum converts back to an integer
+        assert values.precision == 16  # the string enum converts back to an integer
     if "number_of_workers" in given:
-        assert values["number_of_workers"] == 8
+        assert values.number_of_workers == 8
     if file == "model_import" and with_optional:
-        assert values["model_family"] == "HuggingFaceImage" and values["download_from_source"] is False
+        assert values.model_family == "HuggingFaceImage" and values.download_from_source is False
 
 
 def test_a_component_whose_subcommand_is_gone_fails_rather_than_skips(monkeypatch):

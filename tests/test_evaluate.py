@@ -23,10 +23,11 @@ from sklearn.metrics import (
 
 from tests.helpers import subset
 from visiontune.cli import main
+from visiontune.config import resolve
 from visiontune.errors import DataError, UserError
 from visiontune.evaluation import run_evaluate
 from visiontune.inference import Classifier
-from visiontune.inputs import EVALUATE_INPUTS, MULTICLASS, MULTILABEL, resolve
+from visiontune.inputs import EVALUATE_INPUTS, MULTICLASS, MULTILABEL
 from visiontune.metrics import DEFAULT_GRID
 
 # mlflow's advice on input examples when a model is saved: not ours to act on.

@@ -3,8 +3,9 @@ with native bf16, the override both ways, and the line that tells the run which 
 
 import pytest
 
+from visiontune.config import resolve
 from visiontune.hardware import ENV_CPU_BF16, CpuKind, cpu_bf16, cpu_paths, fast_depthwise_applies
-from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, resolve
+from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS
 from visiontune.training.arguments import plan_training
 
 NATIVE, EMULATED = CpuKind("AVX512", True), CpuKind("AVX2", False)
@@ -16,7 +17,7 @@ def _plan(tmp_path, cpu, **given):
                                        "output_dir_pytorch": str(tmp_path / "out"), **given})
     from visiontune.training.defaults import apply_defaults
 
-    values, _ = apply_defaults(values, MULTICLASS, None)
+    values = apply_defaults(values, None)
     return plan_training(values, use_cpu=True, bf16_ok=False, cpu=cpu)
 
 

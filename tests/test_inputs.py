@@ -7,6 +7,7 @@ import pytest
 
 from visiontune import inputs as I
 from visiontune.cli import build_parser, main
+from visiontune.config import resolve
 from visiontune.errors import UserError
 
 SPEC = I.by_name(I.FINETUNE_INPUTS)
@@ -48,26 +49,26 @@ def test_minus_one_is_allowed_where_the_spec_says_so():
 def test_resolve_precedence_cli_over_config_over_defaults():
     config = {"learning_rate": 0.1, "random_seed": 7, "model_path": "m", "training_data": "d",
               "task_name": "image-classification", "output_dir_pytorch": "o"}
-    values = I.resolve(I.FINETUNE_INPUTS, {"learning_rate": "0.5"}, config)
-    assert values["learning_rate"] == 0.5  # command line wins
-    assert values["random_seed"] == 7  # config file
-    assert values["apply_augmentations"] is True  # declared default
-    assert values["optimizer"] is None  # auto: left to the defaults chain
+    values = resolve(I.FINETUNE_INPUTS, {"learning_rate": "0.5"}, config)
+    assert values.learning_rate == 0.5  # command line wins
+    assert values.random_seed == 7  # config file
+    assert values.apply_augmentations is True  # declared default
+    assert values.optimizer is None  # auto: left to the defaults chain
 
 
 def test_empty_string_means_not_given_and_required_inputs_are_enforced():
     base = {"model_path": "m", "training_data": "d", "task_name": "image-classification",
             "output_dir_pytorch": "o"}
-    assert I.resolve(I.FINETUNE_INPUTS, {**base, "optimizer": ""})["optimizer"] is None
+    assert resolve(I.FINETUNE_INPUTS, {**base, "optimizer": ""}).optimizer is None
     with pytest.raises(UserError, match="--training_data is required"):
-        I.resolve(I.FINETUNE_INPUTS, {**base, "training_data": ""})
+        resolve(I.FINETUNE_INPUTS, {**base, "training_data": ""})
 
 
 def test_unknown_config_keys_are_refused(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("learning_rat: 0.1\n")
     with pytest.raises(UserError, match="unknown input.*learning_rat"):
-        I.resolve(I.FINETUNE_INPUTS, {}, I.read_config_file(str(cfg)))
+        resolve(I.FINETUNE_INPUTS, {}, I.read_config_file(str(cfg)))
 
 
 def test_config_file_must_be_valid_yaml(tmp_path):

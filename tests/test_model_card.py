@@ -10,7 +10,8 @@ from huggingface_hub import ModelCard
 
 from tests.helpers import subset
 from visiontune.cli import main
-from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, MULTILABEL, resolve
+from visiontune.config import resolve
+from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, MULTILABEL
 from visiontune.model_card import (
     CARD_FILE, FACTS_FILE, hub_base_model, read_facts, write_card, write_model_card,
 )

@@ -11,10 +11,11 @@ import pytest
 from tests.helpers import subset
 from tests.test_evaluate import CLASSES, make_model, read_jsonl
 from visiontune.cli import main
+from visiontune.config import resolve
 from visiontune.data.images import load_image
 from visiontune.errors import UserError
 from visiontune.inference import Classifier
-from visiontune.inputs import MULTICLASS, MULTILABEL, PREDICT_INPUTS, resolve
+from visiontune.inputs import MULTICLASS, MULTILABEL, PREDICT_INPUTS
 from visiontune.prediction import run_predict
 
 # mlflow's advice on input examples when a model is saved: not ours to act on.

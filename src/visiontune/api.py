@@ -7,12 +7,15 @@
                                  task_name="image-classification", output_dir_pytorch="runs/pt")
     report = visiontune.evaluate(model=result.output_dir_pytorch, test_data="demo/digits/test",
                                  output_dir="runs/eval")
+    run = visiontune.pipeline(model_name="efficientnet-lite0", training_data="demo/digits/train",
+                              task_name="image-classification", output_dir_pytorch="runs/p")
 
 The keywords are the command's inputs, by the names of the input table (``visiontune <command>
 --help``, the README's tables); what is not given takes the same default as on the command line,
-and is checked the same way before anything heavy loads (a ``UserError`` naming the input).
-Paths may be ``str`` or ``os.PathLike``. Nothing here sets up logging: the caller's logging
-configuration decides what is shown.
+and is checked the same way before anything heavy loads (a ``UserError`` naming the input):
+the keywords become the command's config (``visiontune.config``), which the library receives.
+Paths may be ``str`` or ``os.PathLike``. Nothing here prints or sets up logging: the run's
+plan and steps are logged, and the caller's logging configuration decides what is shown.
 """
 
 from __future__ import annotations
@@ -22,15 +25,15 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from visiontune import inputs as I
+from visiontune import config as C
 from visiontune.errors import UserError
 
-__all__ = ["import_model", "finetune", "evaluate", "predict", "export_onnx"]
+__all__ = ["import_model", "finetune", "pipeline", "evaluate", "predict", "export_onnx"]
 
 
-def _values(command: str, specs: Iterable[I.Input], given: dict[str, Any]) -> dict[str, Any]:
-    """The checked values of one command's inputs, defaults filled in as the CLI does."""
-    known = {spec.name: spec for spec in specs}
+def _values(command: str, cls: type, given: dict[str, Any]):
+    """The config of one command from its keywords, defaults filled in as the CLI does."""
+    known = {spec.name: spec for spec in cls.INPUTS}
     unknown = sorted(set(given) - set(known))
     if unknown:
         hints = [f"{name} (did you mean {close[0]}?)" if close else name
@@ -40,18 +43,18 @@ def _values(command: str, specs: Iterable[I.Input], given: dict[str, Any]) -> di
                         f"its inputs: {', '.join(known)}")
     plain = {name: os.fspath(value) if isinstance(value, os.PathLike) else value
              for name, value in given.items()}
-    values = I.resolve(known.values(), plain)
-    prepare_process(values)
-    return values
+    cfg = C.resolve(cls, plain, given_as=C.KEYWORD)
+    prepare_process(cfg)
+    return cfg
 
 
-def prepare_process(values: dict[str, Any], *, loads_torch: bool = True) -> None:
-    """What a command's checked values set for the whole process, CLI and API alike: the
-    per-image byte limit, and triton left out on a machine without a GPU."""
-    if "max_image_mb" in values:
+def prepare_process(cfg, *, loads_torch: bool = True) -> None:
+    """What a command's config sets for the whole process, CLI and API alike: the per-image
+    byte limit (commands that read images), and triton left out on a machine without a GPU."""
+    if hasattr(cfg, "max_image_mb"):
         from visiontune.data.images import set_max_file_bytes
 
-        set_max_file_bytes(values["max_image_mb"] << 20)
+        set_max_file_bytes(cfg.max_image_mb << 20)
     if loads_torch:
         from visiontune import cpu_only
 
@@ -63,9 +66,9 @@ def import_model(**inputs: Any) -> Path:
     folder) into ``output_dir``; returns that folder, ready for ``finetune(model_path=...)``."""
     from visiontune.models.importer import import_model as run
 
-    values = _values("import_model", I.IMPORT_INPUTS, inputs)
-    return run(model_name=values["model_name"], pytorch_model=values["pytorch_model"],
-               mlflow_model=values["mlflow_model"], output_dir=values["output_dir"])
+    cfg = _values("import_model", C.ImportConfig, inputs)
+    return run(model_name=cfg.model_name, pytorch_model=cfg.pytorch_model,
+               mlflow_model=cfg.mlflow_model, output_dir=cfg.output_dir)
 
 
 def finetune(*, callbacks: Iterable[Any] = (), **inputs: Any):
@@ -74,7 +77,16 @@ def finetune(*, callbacks: Iterable[Any] = (), **inputs: Any):
     ``TrainerCallback`` objects."""
     from visiontune.training.finetune import finetune as run
 
-    return run(_values("finetune", I.FINETUNE_INPUTS, inputs), callbacks=callbacks)
+    return run(_values("finetune", C.FinetuneConfig, inputs), callbacks=callbacks)
+
+
+def pipeline(*, callbacks: Iterable[Any] = (), **inputs: Any):
+    """Import a model, check the data, fine-tune and evaluate (the ``pipeline`` command's
+    inputs); returns a ``PipelineResult``: the ``FinetuneResult``, the evaluation report and
+    its folder."""
+    from visiontune.pipeline_run import run_pipeline
+
+    return run_pipeline(_values("pipeline", C.PipelineConfig, inputs), callbacks=callbacks)
 
 
 def evaluate(**inputs: Any) -> dict[str, Any]:
@@ -82,7 +94,7 @@ def evaluate(**inputs: Any) -> dict[str, Any]:
     ``output_dir`` and returns it (the metrics, the per-class table, the bad rows skipped)."""
     from visiontune.evaluation import evaluate as run
 
-    report, _ = run(_values("evaluate", I.EVALUATE_INPUTS, inputs))
+    report, _ = run(_values("evaluate", C.EvaluateConfig, inputs))
     return report
 
 
@@ -91,12 +103,12 @@ def predict(**inputs: Any):
     ``PredictionResult`` (the file, the counts, the error of each unreadable image)."""
     from visiontune.prediction import predict as run
 
-    return run(_values("predict", I.PREDICT_INPUTS, inputs))
+    return run(_values("predict", C.PredictConfig, inputs))
 
 
 def export_onnx(**inputs: Any) -> Path:
     """Export a fine-tuned model to ONNX in ``output_dir``; returns the ``.onnx`` file."""
     from visiontune.onnx_export import export_onnx as run
 
-    values = _values("export_onnx", I.EXPORT_ONNX_INPUTS, inputs)
-    return run(values["model"], values["output_dir"], values["opset"])
+    cfg = _values("export_onnx", C.ExportOnnxConfig, inputs)
+    return run(cfg.model, cfg.output_dir, cfg.opset)

@@ -1,7 +1,8 @@
 """The ``visiontune`` command. Subcommands mirror the Azure ML components.
 
-Options come from the input tables in ``inputs.py``; each handler receives the resolved,
-checked values. Errors a user can fix print as one line and exit with code 2.
+Options come from the input tables in ``inputs.py``; each handler receives the command's
+resolved, checked config (``config.py``) and prints what the library returns. Errors a user
+can fix print as one line and exit with code 2.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from visiontune import __version__
 from visiontune import inputs as I
 from visiontune import console, malloc
 from visiontune.api import prepare_process
+from visiontune.config import resolve
 from visiontune.errors import UserError
 
 
@@ -24,70 +26,98 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _import_model(values: dict[str, Any]) -> int:
+def _show(text: str) -> None:
+    """The library's lines for the console (it decides which rank shows them)."""
+    print(text, flush=True)
+
+
+def _import_model(cfg) -> int:
     from visiontune.models.importer import import_model
 
     out = import_model(
-        model_name=values["model_name"], pytorch_model=values["pytorch_model"],
-        mlflow_model=values["mlflow_model"], output_dir=values["output_dir"],
+        model_name=cfg.model_name, pytorch_model=cfg.pytorch_model,
+        mlflow_model=cfg.mlflow_model, output_dir=cfg.output_dir,
     )
     print(f"imported model written to {out}")
     return 0
 
 
-def _data_check(values: dict[str, Any]) -> int:
+def _data_check(cfg) -> int:
     from visiontune.data.check import check_data
 
     report, ok = check_data(
-        values["data"], values["task_name"], image_column=values["image_column"],
-        label_column=values["label_column"], skip_bad_rows=values["skip_bad_rows"],
+        cfg.data, cfg.task_name, image_column=cfg.image_column,
+        label_column=cfg.label_column, skip_bad_rows=cfg.skip_bad_rows,
     )
     print(report)
     return 0 if ok else 1
 
 
-def _demo_data(values: dict[str, Any]) -> int:
+def _demo_data(cfg) -> int:
     from visiontune.demo import write_demo_data
 
-    paths = write_demo_data(values["output_dir"])
+    paths = write_demo_data(cfg.output_dir)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
 
 
-def _finetune(values: dict[str, Any]) -> int:
+def _finetune(cfg) -> int:
+    from visiontune.training.distributed import is_main_process
     from visiontune.training.finetune import finetune
 
-    finetune(values)
+    result = finetune(cfg, show=_show)
+    if is_main_process():
+        _print_validation_metrics(result)
+        _print_models(result)
     return 0
 
 
-def _pipeline(values: dict[str, Any]) -> int:
-    from visiontune.pipeline import run_pipeline
+def _pipeline(cfg) -> int:
+    from visiontune.evaluation import show_report
+    from visiontune.pipeline_run import run_pipeline
+    from visiontune.training.distributed import is_main_process
 
-    return run_pipeline(values)
+    result = run_pipeline(cfg, show=_show)
+    if is_main_process():
+        _print_validation_metrics(result.finetune)
+        show_report(result.evaluation, result.evaluation_dir)
+        _print_models(result.finetune)
+        print(f"evaluation report: {result.evaluation_dir}", flush=True)
+    return 0
 
 
-def _evaluate(values: dict[str, Any]) -> int:
+def _print_validation_metrics(result) -> None:
+    summary = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
+    print(f"validation metrics of the best model: {summary}", flush=True)
+
+
+def _print_models(result) -> None:
+    print(f"pytorch model: {result.output_dir_pytorch}", flush=True)
+    if result.output_dir_mlflow:
+        print(f"mlflow model: {result.output_dir_mlflow}", flush=True)
+
+
+def _evaluate(cfg) -> int:
     from visiontune.evaluation import run_evaluate
 
-    return run_evaluate(values)
+    return run_evaluate(cfg)
 
 
-def _predict(values: dict[str, Any]) -> int:
+def _predict(cfg) -> int:
     from visiontune.prediction import run_predict
 
-    return run_predict(values)
+    return run_predict(cfg)
 
 
-def _export_onnx(values: dict[str, Any]) -> int:
+def _export_onnx(cfg) -> int:
     from visiontune.onnx_export import run_export
 
-    return run_export(values)
+    return run_export(cfg)
 
 
 # name -> (help, inputs, handler, accepts --config)
-COMMANDS: dict[str, tuple[str, Iterable[I.Input], Callable[[dict[str, Any]], int], bool]] = {
+COMMANDS: dict[str, tuple[str, Iterable[I.Input], Callable[[Any], int], bool]] = {
     "import-model": ("Import a model (hub id, local folder, built-in, PyTorch or MLflow folder).",
                      I.IMPORT_INPUTS, _import_model, True),
     "finetune": ("Fine-tune an imported model on image data (every input of Azure's finetune component).",
@@ -138,11 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     given = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("command", "subcommand", "config")}
     try:
         config = I.read_config_file(getattr(args, "config", None))
-        values = I.resolve(args._specs, given, config)
-        prepare_process(values, loads_torch=args._name not in WITHOUT_TORCH)
+        cfg = resolve(args._specs, given, config)
+        prepare_process(cfg, loads_torch=args._name not in WITHOUT_TORCH)
         if args._name not in WITHOUT_TORCH:
             console.route_transformers()
-        return int(args._handler(values) or 0)
+        return int(args._handler(cfg) or 0)
     except UserError as exc:
         print(f"visiontune {args._name}: error: {exc}", file=sys.stderr)
         return exc.exit_code

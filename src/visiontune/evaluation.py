@@ -61,40 +61,39 @@ def check_report_folder(path: str | Path, input_name: str) -> Path:
     return check_folder(path, input_name, replaceable=is_evaluation_report, create=False)
 
 
-def run_evaluate(values: dict[str, Any]) -> int:
+def run_evaluate(cfg) -> int:
     """``visiontune evaluate``: the report, and its summary printed."""
-    show_report(*evaluate(values), values["output_dir"])
+    show_report(evaluate(cfg)[0], cfg.output_dir)
     return 0
 
 
-def show_report(report: dict[str, Any], classifier: Classifier, out) -> None:
+def show_report(report: dict[str, Any], out) -> None:
     """Print an evaluation's summary: the tuned threshold (when tuned), the metrics, the
     per-class table and where the report is."""
     tuning = report.get("threshold_tuning")
     if tuning:
         print(f"tuned multilabel_threshold ({tuning['mode']}, maximising {tuning['metric']} on "
-              f"{tuning['tuning_data']}): {_threshold_text(classifier)}; stored in {tuning['stored_in']}")
-    _print_summary(report, classifier, out)
+              f"{tuning['tuning_data']}): {_threshold_text(report)}; stored in {tuning['stored_in']}")
+    _print_summary(report, out)
 
 
-def evaluate(values: dict[str, Any]) -> tuple[dict[str, Any], Classifier]:
+def evaluate(cfg) -> tuple[dict[str, Any], Classifier]:
     """Score ``test_data`` with the model and write the report into ``output_dir``; returns
     the report (as saved in its metrics file) and the classifier that scored."""
-    tune = values.get("tune_thresholds") or "none"
-    if values.get("output_dir"):  # before the model and the data
-        check_report_folder(values["output_dir"], "output_dir")
-    classifier = open_model(values["model"], values.get("runtime") or "auto")
+    tune = cfg.tune_thresholds
+    check_report_folder(cfg.output_dir, "output_dir")  # before the model and the data
+    classifier = open_model(cfg.model, cfg.runtime)
     task = classifier.task
     if tune != "none" and task != MULTILABEL:
         raise UserError(
             f"--tune_thresholds {tune}: thresholds exist only for multi-label models; this model's "
             f"task is {task} (it predicts the most probable class)"
         )
-    if values.get("tuning_data") and tune == "none":
+    if cfg.tuning_data and tune == "none":
         log.warning("--tuning_data is ignored: --tune_thresholds is none")
 
-    batch_size = values.get("batch_size") or 32
-    test, skipped = read_labelled(values["test_data"], "test data", classifier, values)
+    batch_size = cfg.batch_size
+    test, skipped = read_labelled(cfg.test_data, "test data", classifier, cfg)
     logits = _score(classifier, test, batch_size, "evaluate")
     targets = encode_targets(test, classifier)
 
@@ -102,13 +101,12 @@ def evaluate(values: dict[str, Any]) -> tuple[dict[str, Any], Classifier]:
     if tune != "none":
         from visiontune.metrics import probabilities, tune_thresholds
 
-        metric = values.get("threshold_metric") or "f1"
-        if values.get("tuning_data"):
-            tuning_records, _ = read_labelled(values["tuning_data"], "tuning data", classifier,
-                                              values)
+        metric = cfg.threshold_metric
+        if cfg.tuning_data:
+            tuning_records, _ = read_labelled(cfg.tuning_data, "tuning data", classifier, cfg)
             tuning_logits = _score(classifier, tuning_records, batch_size, "tuning")
             tuning_targets = encode_targets(tuning_records, classifier)
-            source = str(values["tuning_data"])
+            source = str(cfg.tuning_data)
         else:
             log.warning(
                 "tuning the threshold(s) on the test data itself: the reported metrics will be "
@@ -121,9 +119,9 @@ def evaluate(values: dict[str, Any]) -> tuple[dict[str, Any], Classifier]:
         tuning = {"mode": tune, "metric": metric, "tuning_data": source,
                   "number_of_images": int(len(tuning_targets)), "stored_in": stored}
 
-    report = write_report(Path(values["output_dir"]), classifier, test, logits, targets,
-                          extra={"model": str(values["model"]),
-                                 "test_data": str(values["test_data"]),
+    report = write_report(Path(cfg.output_dir), classifier, test, logits, targets,
+                          extra={"model": str(cfg.model),
+                                 "test_data": str(cfg.test_data),
                                  "bad_rows_skipped": skipped, "threshold_tuning": tuning})
     return report, classifier
 
@@ -131,15 +129,14 @@ def evaluate(values: dict[str, Any]) -> tuple[dict[str, Any], Classifier]:
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
-def read_labelled(source, name: str, classifier: Classifier, values: dict[str, Any]):
+def read_labelled(source, name: str, classifier: Classifier, cfg):
     """(usable Records, number of bad rows skipped) against the model's classes."""
     from visiontune.data.prepare import prepare_test_data
 
     return prepare_test_data(
         source, task=classifier.task, classes=classifier.classes,
-        image_column=values.get("image_column") or "image_url",
-        label_column=values.get("label_column") or "label",
-        skip_bad_rows=bool(values.get("skip_bad_rows")), name=name,
+        image_column=cfg.image_column, label_column=cfg.label_column,
+        skip_bad_rows=cfg.skip_bad_rows, name=name,
     )
 
 
@@ -179,11 +176,11 @@ def store_threshold(classifier: Classifier, threshold: float | np.ndarray) -> st
     return str(path)
 
 
-def _threshold_text(classifier: Classifier) -> str:
-    t = classifier.threshold
-    if t.ndim == 0:
+def _threshold_text(report: dict[str, Any]) -> str:
+    t = report["multilabel_threshold"]
+    if not isinstance(t, list):
         return f"{float(t):g}"
-    return ", ".join(f"{c}={float(x):g}" for c, x in zip(classifier.classes, t))
+    return ", ".join(f"{row['class']}={float(x):g}" for row, x in zip(report["per_class"], t))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,16 +265,16 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _print_summary(report: dict[str, Any], classifier: Classifier, out) -> None:
+def _print_summary(report: dict[str, Any], out) -> None:
     from visiontune.metrics import MULTILABEL_ONLY
 
     names = ["accuracy", "f1_score_macro", "precision_score_macro", "recall_score_macro"]
-    if classifier.task == MULTILABEL:
+    if report["task"] == MULTILABEL:
         names += sorted(MULTILABEL_ONLY)
     print(f"evaluated {report['number_of_images']} image(s) ({report['task']})"
           + (f", {report['bad_rows_skipped']} bad row(s) skipped"
              if report.get("bad_rows_skipped") else "")
-          + (f", threshold {_threshold_text(classifier)}" if classifier.task == MULTILABEL
+          + (f", threshold {_threshold_text(report)}" if report["task"] == MULTILABEL
              else ""))
     print("  ".join(f"{n} {report[n]:.4f}" for n in names))
     print(format_table(report["per_class"]))

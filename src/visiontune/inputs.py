@@ -1,7 +1,8 @@
 """The one list of the components' inputs: names, types, defaults, allowed values.
 
-The CLI (``cli.py``), the ``--config`` YAML/JSON file and the Azure ML component specs are
-built from or checked against these tables, so an input is described exactly once.
+The CLI (``cli.py``), the ``--config`` YAML/JSON file, the Azure ML component specs and the
+per-command configs (``config.py``, what library code receives) are built from or checked
+against these tables, so an input is described exactly once.
 
 ``default=None`` on an optional input means "not given": for the training inputs marked
 ``auto`` the value is then chosen by the defaults chain (model folder > model > task > base).
@@ -684,35 +685,10 @@ def read_config_file(path: str | None) -> dict[str, Any]:
     return data
 
 
-def resolve(
-    inputs: Iterable[Input], given: dict[str, Any], config: dict[str, Any] | None = None,
-    config_name: str = "--config",
-) -> dict[str, Any]:
-    """Merge command line > config file > declared defaults, convert and check every value.
-
-    Values left ``None`` are "not given"; ``auto`` inputs are filled in later by the defaults
-    chain. Empty strings count as not given (Azure passes optional inputs that way)."""
-    specs = by_name(inputs)
-    config = dict(config or {})
-    unknown = sorted(set(config) - set(specs))
-    if unknown:
-        raise UserError(
-            f"{config_name}: unknown input(s) {', '.join(unknown)}; known inputs: "
-            + ", ".join(specs)
-        )
-    values: dict[str, Any] = {}
-    for name, spec in specs.items():
-        raw = given.get(name, config.get(name))
-        if isinstance(raw, str) and raw.strip() == "":
-            raw = None
-        value = spec.convert(raw) if raw is not None else spec.default
-        if spec.required and value is None:
-            raise UserError(f"--{name} is required: {spec.help}")
-        values[name] = value
-    return values
-
-
-def as_json(values: dict[str, Any]) -> str:
+def as_json(values: Any) -> str:
+    """A command's resolved inputs as JSON: a config (``visiontune.config``) or a mapping."""
+    if hasattr(values, "as_dict"):
+        values = values.as_dict()
     return json.dumps(values, indent=2, sort_keys=True, default=str)
 
 

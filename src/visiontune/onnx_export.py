@@ -198,8 +198,8 @@ def export_metadata(classifier: Classifier, opset: int, source: Path) -> dict[st
     }
 
 
-def run_export(values: dict[str, Any]) -> int:
+def run_export(cfg) -> int:
     """``visiontune export-onnx``."""
-    path = export_onnx(values["model"], values["output_dir"], values["opset"])
+    path = export_onnx(cfg.model, cfg.output_dir, cfg.opset)
     print(f"ONNX model written to {path} (metadata: {path.with_name(EXPORT_METADATA_FILE)})")
     return 0

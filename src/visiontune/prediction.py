@@ -149,10 +149,10 @@ def output_format(path: str | Path) -> str:
     return OUTPUT_FORMATS[suffix]
 
 
-def run_predict(values: dict[str, Any]) -> int:
+def run_predict(cfg) -> int:
     """``visiontune predict``. Exit code 0 when at least one image was predicted, 1 when none
     could be read."""
-    result = predict(values)
+    result = predict(cfg)
     print(f"predicted {result.predicted} of {result.images} image(s) into {result.output}")
     if result.errors:
         shown = list(result.errors.values())[:ERRORS_SHOWN]
@@ -173,19 +173,19 @@ class PredictionResult:
     errors: dict[int, str]
 
 
-def predict(values: dict[str, Any]) -> PredictionResult:
+def predict(cfg) -> PredictionResult:
     """Predict every image of ``data`` into ``output`` (a row for each, with an ``error`` field
     where an image could not be read)."""
-    fmt = output_format(values["output"])
-    output = check_file_target(values["output"], "output")  # before the model and the images
-    classifier = open_model(values["model"], values.get("runtime") or "auto")
-    items = list_images(values["data"], values.get("image_column") or "image_url")
+    fmt = output_format(cfg.output)
+    output = check_file_target(cfg.output, "output")  # before the model and the images
+    classifier = open_model(cfg.model, cfg.runtime)
+    items = list_images(cfg.data, cfg.image_column)
     if not items:
-        raise DataError(f"--data {values['data']}: no images found")
+        raise DataError(f"--data {cfg.data}: no images found")
 
     readable = [i for i, item in enumerate(items) if item.uri is not None]
     logits, read_errors = score_images(classifier, [items[i].uri for i in readable],
-                                       values.get("batch_size") or 32, desc="predict")
+                                       cfg.batch_size, desc="predict")
     from visiontune.metrics import probabilities
 
     probs = np.full((len(items), len(classifier.classes)), np.nan)

@@ -14,7 +14,8 @@ from transformers import TrainingArguments
 
 from tests.helpers import needs_native_bf16, subset
 from tests.tiny_models import build_tiny_model, random_images, save_tiny_model
-from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, resolve
+from visiontune.config import resolve
+from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS
 from visiontune.models import depthwise, hardtanh
 from visiontune.models.depthwise import FastDepthwise, fast_depthwise, input_grad, weight_grad
 from visiontune.models.hardtanh import InplaceHardtanh, inplace_hardtanh

@@ -23,7 +23,7 @@ class Break:
 
 FINETUNE = "src/visiontune/training/finetune.py"
 CALLBACKS = "src/visiontune/training/callbacks.py"
-PIPELINE = "src/visiontune/pipeline.py"
+PIPELINE = "src/visiontune/pipeline_run.py"
 DEEPSPEED = "src/visiontune/training/deepspeed.py"
 SERVING = "src/visiontune/serving/mlflow_model.py"
 CLASSIFIER = "src/visiontune/inference/classifier.py"

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
+from visiontune.config import resolve
 from visiontune.data.transforms import Preprocessing, eval_transform, hf_image_processor
-from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, resolve
+from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS
 from visiontune.training.finetune import finetune
 
 LABELS = ["red", "green", "blue"]

@@ -101,7 +101,8 @@ def _store(folder: Path, meta: dict, threshold) -> None:
 
 
 def test_predict_and_serving_predict_a_label_at_its_stored_threshold(multilabel_model, tmp_path):
-    from visiontune.inputs import PREDICT_INPUTS, resolve
+    from visiontune.config import resolve
+    from visiontune.inputs import PREDICT_INPUTS
     from visiontune.prediction import run_predict
     from visiontune.serving.mlflow_model import ImageClassifierModel, ServingConfig
 

@@ -14,8 +14,9 @@ import yaml
 
 from tests.helpers import subset
 from visiontune.cli import main
+from visiontune.config import resolve
 from visiontune.errors import UserError
-from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, resolve
+from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS
 from visiontune.training.finetune import finetune
 
 pytest.importorskip("onnxruntime")

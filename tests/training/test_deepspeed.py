@@ -16,6 +16,7 @@ from tests.training.test_distributed import (  # noqa: E402
     clean_env, cli_args, free_port, make_datasets, run_together, why,
 )
 from visiontune import inputs as I  # noqa: E402
+from visiontune.config import resolve  # noqa: E402
 from visiontune.inputs import MULTICLASS  # noqa: E402
 from visiontune.training.arguments import plan_training  # noqa: E402
 from visiontune.training.defaults import apply_defaults  # noqa: E402
@@ -32,12 +33,12 @@ def test_the_trainer_accepts_the_merged_config_without_mismatches(tmp_path):
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 64,
                                 "gradient_clipping": 5.0, "optimizer": {"type": "AdamW"}}))
-    values = I.resolve(I.FINETUNE_INPUTS, {
+    values = resolve(I.FINETUNE_INPUTS, {
         "model_path": str(tmp_path), "training_data": "d", "task_name": MULTICLASS,
         "output_dir_pytorch": str(tmp_path / "out"), "apply_deepspeed": "true",
         "deepspeed_config": str(user), "training_batch_size": "8", "max_grad_norm": "0.5",
         "learning_rate": "0.002"})
-    values, _ = apply_defaults(values, MULTICLASS, None)
+    values = apply_defaults(values, None)
     plan = plan_training(values, use_cpu=True, bf16_ok=False)
     assert any("train_micro_batch_size_per_gpu 64 replaced by 8" in n for n in plan.notes)
     assert any("gradient_clipping 5.0 replaced by 0.5" in n for n in plan.notes)

@@ -24,7 +24,8 @@ import torch
 
 from tests.helpers import free_port, needs_native_bf16, subset
 from visiontune.cli import main
-from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, MULTILABEL, resolve
+from visiontune.config import resolve
+from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, MULTILABEL
 from visiontune.training.finetune import finetune
 
 TIMEOUT = 240  # seconds, for each group of processes

@@ -15,7 +15,8 @@ from sklearn.metrics import accuracy_score
 
 from tests.helpers import subset
 from visiontune.cli import main
-from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, MULTILABEL, resolve
+from visiontune.config import resolve
+from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, MULTILABEL
 from visiontune.training.finetune import finetune
 
 FAST = {"number_of_epochs": 2, "training_batch_size": 8, "validation_batch_size": 16,

@@ -8,7 +8,8 @@ import torch
 from transformers import TrainerCallback
 
 from tests.helpers import subset
-from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, resolve
+from visiontune.config import resolve
+from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS
 from visiontune.training.finetune import finetune
 
 

@@ -5,10 +5,12 @@ ONNX Runtime's provider, and auto_find_batch_size (off under several processes; 
 import pytest
 import torch
 
+from tests.helpers import workers_config
 from visiontune import hardware as H
+from visiontune.config import resolve
 from visiontune.errors import UserError
 from visiontune.hardware import GpuKind
-from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, resolve
+from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS
 from visiontune.training.arguments import auto_batch_size_applies, plan_training
 from visiontune.training.defaults import apply_defaults
 from visiontune.training.trainer import batch_size_after
@@ -26,7 +28,7 @@ def _plan(tmp_path, gpu, use_cpu=False, bf16_ok=False, **given):
     values = resolve(FINETUNE_INPUTS, {"model_path": str(tmp_path), "training_data": "x.jsonl",
                                        "task_name": MULTICLASS,
                                        "output_dir_pytorch": str(tmp_path / "out"), **given})
-    values, _ = apply_defaults(values, MULTICLASS, None)
+    values = apply_defaults(values, None)
     return plan_training(values, use_cpu=use_cpu, bf16_ok=bf16_ok, gpu=gpu)
 
 
@@ -125,10 +127,9 @@ def test_choose_workers_without_local_world_size(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setattr(H, "gpu_kind", lambda: A100)
     monkeypatch.setattr("os.cpu_count", lambda: 16)
-    values, sources = {"number_of_workers": 8}, {}
-    choose_workers(values, sources, use_cpu=False)
-    assert values["number_of_workers"] == 4
-    assert sources["number_of_workers"] == "reduced from 8 to the CPUs here per process"
+    values = choose_workers(workers_config(8), use_cpu=False)
+    assert values.number_of_workers == 4
+    assert values.chosen_by("number_of_workers") == "reduced from 8 to the CPUs here per process"
 
 
 @pytest.mark.parametrize("available,kind,want", [
@@ -153,9 +154,9 @@ def test_this_machines_gpu_is_read_from_torch():
     (1, {"zero_optimization": {"stage": 2}}, True, None),
 ])
 def test_auto_find_batch_size_only_where_a_retry_cannot_hang(world, ds, on, note):
-    applies, why = auto_batch_size_applies({"auto_find_batch_size": True}, world, ds)
+    applies, why = auto_batch_size_applies(True, world, ds)
     assert applies is on and (note is None and why is None or note in why)
-    assert auto_batch_size_applies({"auto_find_batch_size": False}, world, ds) == (False, None)
+    assert auto_batch_size_applies(False, world, ds) == (False, None)
 
 
 def test_auto_find_batch_size_is_off_with_a_note_under_a_launcher(tmp_path, monkeypatch):

@@ -9,11 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForImageClassification, TrainerCallback
 
-from tests.helpers import subset
+from tests.helpers import subset, workers_config
 from tests.tiny_models import build_tiny_model, random_images, save_tiny_model
+from visiontune.config import resolve
 from visiontune.inference import Classifier
-from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS, resolve
+from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS
 from visiontune.models.loading import is_cnn, prefer_channels_last
+from visiontune.training.defaults import defaults_sources
 from visiontune.training.finetune import choose_workers, finetune
 
 
@@ -103,23 +105,22 @@ def test_classifier_runs_cnns_channels_last_with_the_plain_models_logits(tmp_pat
 # Data-loader workers
 # ---------------------------------------------------------------------------------------------
 def test_workers_default_to_the_main_process_on_a_cpu_only_run():
-    values, sources = {"number_of_workers": 8}, {"number_of_workers": "base"}
-    choose_workers(values, sources, use_cpu=True)
-    assert values["number_of_workers"] == 0 and "CPU-only" in sources["number_of_workers"]
+    values = choose_workers(workers_config(), use_cpu=True)  # 8 from the defaults chain
+    sources = defaults_sources(values)
+    assert values.number_of_workers == 0 and "CPU-only" in sources["number_of_workers"]
 
 
 def test_workers_the_user_gives_are_kept_up_to_the_cpu_count(monkeypatch):
     monkeypatch.setattr("os.cpu_count", lambda: 4)
-    values, sources = {"number_of_workers": 2}, {"number_of_workers": "user"}
-    choose_workers(values, sources, use_cpu=True)
-    assert values["number_of_workers"] == 2
-    values, sources = {"number_of_workers": 8}, {"number_of_workers": "base"}
-    choose_workers(values, sources, use_cpu=False)  # with a GPU: the default, capped
-    assert values["number_of_workers"] == 4 and "reduced from 8" in sources["number_of_workers"]
+    values = choose_workers(workers_config(2), use_cpu=True)
+    assert values.number_of_workers == 2
+    values = choose_workers(workers_config(), use_cpu=False)  # with a GPU: the default, capped
+    sources = defaults_sources(values)
+    assert values.number_of_workers == 4 and "reduced from 8" in sources["number_of_workers"]
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    values, sources = {"number_of_workers": 8}, {"number_of_workers": "user"}
-    choose_workers(values, sources, use_cpu=False)
-    assert values["number_of_workers"] == 2 and "per process" in sources["number_of_workers"]
+    values = choose_workers(workers_config(8), use_cpu=False)
+    sources = defaults_sources(values)
+    assert values.number_of_workers == 2 and "per process" in sources["number_of_workers"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,10 +7,11 @@ import pytest
 from transformers import TrainingArguments
 
 from visiontune import inputs as I
+from visiontune.config import resolve
 from visiontune.errors import UserError
 from visiontune.hardware import CpuKind
 from visiontune.training.arguments import parse_extra_optim_args, plan_training, read_deepspeed_config
-from visiontune.training.defaults import apply_defaults
+from visiontune.training.defaults import apply_defaults, defaults_sources
 
 MC, ML = I.TASKS
 
@@ -18,7 +19,7 @@ MC, ML = I.TASKS
 def values(tmp_path, **over):
     given = {"model_path": str(tmp_path), "training_data": "d", "task_name": MC,
              "output_dir_pytorch": str(tmp_path / "out"), **over}
-    return I.resolve(I.FINETUNE_INPUTS, given)
+    return resolve(I.FINETUNE_INPUTS, given)
 
 
 NATIVE_BF16 = CpuKind("AVX512", native_bf16=True)
@@ -27,37 +28,39 @@ NATIVE_BF16 = CpuKind("AVX512", native_bf16=True)
 def planned(tmp_path, model=None, cpu=NATIVE_BF16, **over):
     """The plan on a CPU-only machine of a stated kind (default: one with native bf16)."""
     v = values(tmp_path, **over)
-    v, sources = apply_defaults(v, v["task_name"], model, tmp_path)
+    v = apply_defaults(v, model, tmp_path)
+    sources = defaults_sources(v)
     plan = plan_training(v, use_cpu=True, bf16_ok=False, cpu=cpu)
     return v, sources, plan
 
 
 def test_defaults_precedence_user_over_model_file_over_model_over_task_over_base(tmp_path):
     (tmp_path / "model_defaults.json").write_text(json.dumps({"learning_rate": 0.01}))
-    v, src = apply_defaults(values(tmp_path, warmup_steps="3"), MC, "google/vit-base-patch16-224", tmp_path)
-    assert (v["warmup_steps"], src["warmup_steps"]) == (3, "user")
-    assert (v["learning_rate"], src["learning_rate"]) == (0.01, "model_defaults.json")
-    assert (v["training_batch_size"], src["training_batch_size"]) == (72, "model google/vit-base-patch16-224")
-    assert (v["number_of_epochs"], src["number_of_epochs"]) == (15, f"task {MC}")
-    assert (v["max_grad_norm"], src["max_grad_norm"]) == (1.0, "base")
-    assert v["metric_for_best_model"] == "loss"  # the ViT row overrides the task's accuracy
+    v = apply_defaults(values(tmp_path, warmup_steps="3"), "google/vit-base-patch16-224", tmp_path)
+    src = defaults_sources(v)
+    assert (v.warmup_steps, src["warmup_steps"]) == (3, "user")
+    assert (v.learning_rate, src["learning_rate"]) == (0.01, "model_defaults.json")
+    assert (v.training_batch_size, src["training_batch_size"]) == (72, "model google/vit-base-patch16-224")
+    assert (v.number_of_epochs, src["number_of_epochs"]) == (15, f"task {MC}")
+    assert (v.max_grad_norm, src["max_grad_norm"]) == (1.0, "base")
+    assert v.metric_for_best_model == "loss"  # the ViT row overrides the task's accuracy
 
 
 def test_task_defaults_pick_the_primary_metric(tmp_path):
-    assert apply_defaults(values(tmp_path), MC, None)[0]["metric_for_best_model"] == "accuracy"
-    assert apply_defaults(values(tmp_path, task_name=ML), ML, None)[0]["metric_for_best_model"] == "iou"
+    assert apply_defaults(values(tmp_path), None).metric_for_best_model == "accuracy"
+    assert apply_defaults(values(tmp_path, task_name=ML), None).metric_for_best_model == "iou"
 
 
 def test_mobilevit_label_smoothing_is_zero_for_multilabel(tmp_path):
-    assert apply_defaults(values(tmp_path), MC, "apple/mobilevit-small")[0]["label_smoothing_factor"] == 0.1
-    v = apply_defaults(values(tmp_path, task_name=ML), ML, "apple/mobilevit-small")[0]
-    assert v["label_smoothing_factor"] == 0.0
+    assert apply_defaults(values(tmp_path), "apple/mobilevit-small").label_smoothing_factor == 0.1
+    v = apply_defaults(values(tmp_path, task_name=ML), "apple/mobilevit-small")
+    assert v.label_smoothing_factor == 0.0
 
 
 def test_bad_model_defaults_file_is_a_clear_error(tmp_path):
     (tmp_path / "model_defaults.json").write_text('{"optimizer": "adam"}')
     with pytest.raises(UserError, match="--optimizer"):
-        apply_defaults(values(tmp_path), MC, None, tmp_path)
+        apply_defaults(values(tmp_path), None, tmp_path)
 
 
 def test_names_map_onto_the_trainer_and_build_real_training_arguments(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from visiontune import settings
+from visiontune.config import FinetuneConfig
 from visiontune.errors import UserError
 from visiontune.hardware import (
     CpuKind, GpuKind, cpu_bf16, cpu_kind, cpu_paths, gpu_kind, gpu_paths, gpu_training_options,
@@ -118,6 +119,7 @@ def ort_training_available() -> bool:
 class Plan:
     """What the run will do: TrainingArguments keywords and the decisions stated to the user."""
 
+    config: FinetuneConfig  # the inputs planned for, with check_inputs' alignments
     training_args: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     deepspeed_config: dict[str, Any] | None = None
@@ -125,56 +127,59 @@ class Plan:
     normalise_on_device: bool = False  # uint8 batches, normalised by the trainer on the GPU
 
 
-def check_inputs(values: dict[str, Any]) -> list[str]:
-    """Cross-input rules. Mutates ``values`` only where a stated alignment applies."""
+def check_inputs(cfg: FinetuneConfig) -> tuple[FinetuneConfig, list[str]]:
+    """Cross-input rules. Returns the config with the stated alignments applied (each recorded
+    as chosen by its note) and the notes."""
     notes: list[str] = []
-    task = values["task_name"]
-    metric = values["metric_for_best_model"]
+    task = cfg.task_name
+    metric = cfg.metric_for_best_model
     if task == MULTICLASS and metric and metric.startswith("iou"):
         raise UserError(
             f"--metric_for_best_model: {metric} is for multi-label classification; for "
             f"{MULTICLASS} use one of loss, accuracy, f1_score_macro, precision_score_macro, "
             "recall_score_macro"
         )
-    if task == MULTILABEL and values.get("label_smoothing_factor"):
+    if task == MULTILABEL and cfg.label_smoothing_factor:
         notes.append(
-            f"label_smoothing_factor {values['label_smoothing_factor']} reset to 0: label smoothing "
+            f"label_smoothing_factor {cfg.label_smoothing_factor} reset to 0: label smoothing "
             "does not apply to multi-label classification"
         )
-        values["label_smoothing_factor"] = 0.0
-    if values["optimizer"] == "adamw_ort_fused":
-        if not values["apply_ort"]:
+        cfg = cfg.chosen(notes[-1], label_smoothing_factor=0.0)
+    if cfg.optimizer == "adamw_ort_fused":
+        if not cfg.apply_ort:
             raise UserError("--optimizer: adamw_ort_fused needs --apply_ort true (ONNX Runtime training)")
         if not ort_training_available():
             raise UserError(
                 "--optimizer: adamw_ort_fused needs ONNX Runtime training, which does not import "
                 "with this torch; choose one of adamw_hf, adamw, sgd, adafactor, adagrad"
             )
-    if values["deepspeed_config"] and not values["apply_deepspeed"]:
+    if cfg.deepspeed_config and not cfg.apply_deepspeed:
         notes.append("deepspeed_config is ignored: apply_deepspeed is false")
-    if values["output_dir_mlflow"] is None and values["save_as_mlflow_model"]:
-        values["output_dir_mlflow"] = str(Path(values["output_dir_pytorch"]) / "mlflow_model")
-        notes.append(f"output_dir_mlflow not given: the MLflow model goes to {values['output_dir_mlflow']}")
+    if cfg.output_dir_mlflow is None and cfg.save_as_mlflow_model:
+        mlflow_dir = str(Path(cfg.output_dir_pytorch) / "mlflow_model")
+        notes.append(f"output_dir_mlflow not given: the MLflow model goes to {mlflow_dir}")
+        cfg = cfg.chosen(notes[-1], output_dir_mlflow=mlflow_dir)
 
     # The best model is kept at the end (as in Azure), so checkpoints must line up with
     # evaluations; align instead of letting the Trainer refuse.
-    ev, sv = values["evaluation_strategy"], values["save_strategy"]
+    ev, sv = cfg.evaluation_strategy, cfg.save_strategy
     if ev != sv:
         notes.append(
             f"save_strategy set to {ev!r} to match evaluation_strategy: the best model is chosen "
             "among evaluated checkpoints"
         )
-        values["save_strategy"] = ev
-        if ev == "steps" and values["save_steps"] % values["evaluation_steps"]:
-            values["save_steps"] = values["evaluation_steps"]
-    if values["save_strategy"] == "steps" and values["save_steps"] % values["evaluation_steps"]:
-        aligned = -(-values["save_steps"] // values["evaluation_steps"]) * values["evaluation_steps"]
+        aligned = {"save_strategy": ev}
+        if ev == "steps" and cfg.save_steps % cfg.evaluation_steps:
+            aligned["save_steps"] = cfg.evaluation_steps
+        cfg = cfg.chosen(notes[-1], **aligned)
+    if cfg.save_strategy == "steps" and cfg.save_steps % cfg.evaluation_steps:
+        steps = -(-cfg.save_steps // cfg.evaluation_steps) * cfg.evaluation_steps
         notes.append(
-            f"save_steps {values['save_steps']} raised to {aligned}, a multiple of evaluation_steps "
-            f"{values['evaluation_steps']}, so that every checkpoint has been evaluated"
+            f"save_steps {cfg.save_steps} raised to {steps}, a multiple of evaluation_steps "
+            f"{cfg.evaluation_steps}, so that every checkpoint has been evaluated"
         )
-        values["save_steps"] = aligned
-    return notes
+        cfg = cfg.chosen(notes[-1], save_steps=steps)
+    return cfg, notes
 
 
 def extra_optimizer_settings(optim: str, extra: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
@@ -197,7 +202,7 @@ def extra_optimizer_settings(optim: str, extra: dict[str, Any]) -> tuple[dict[st
     return fields, (",".join(optim_args) or None)
 
 
-def auto_batch_size_applies(values: dict[str, Any], world_size: int,
+def auto_batch_size_applies(asked: bool, world_size: int,
                             ds_config: dict[str, Any] | None) -> tuple[bool, str | None]:
     """Whether the Trainer may retry out-of-memory errors at a smaller batch, and a note when
     auto_find_batch_size is asked for but cannot apply.
@@ -205,7 +210,7 @@ def auto_batch_size_applies(values: dict[str, Any], world_size: int,
     The retry is per process: under several processes the one that ran out of memory starts
     over alone while the others wait in a collective for a step it no longer takes, and the run
     hangs. The Trainer refuses it under ZeRO-3."""
-    if not values["auto_find_batch_size"]:
+    if not asked:
         return False, None
     if world_size > 1:
         return False, (f"auto_find_batch_size is off: with {world_size} processes an out-of-memory "
@@ -217,14 +222,14 @@ def auto_batch_size_applies(values: dict[str, Any], world_size: int,
     return True, None
 
 
-def plan_training(values: dict[str, Any], *, use_cpu: bool, bf16_ok: bool,
+def plan_training(cfg: FinetuneConfig, *, use_cpu: bool, bf16_ok: bool,
                   cpu: CpuKind | None = None, gpu: GpuKind | None = None) -> Plan:
-    """Map checked, defaulted values onto TrainingArguments keywords. ``bf16_ok``: the GPU runs
+    """Map a checked, defaulted config onto TrainingArguments keywords. ``bf16_ok``: the GPU runs
     bf16 natively; ``cpu``: the CPU's kind on a CPU-only run, ``gpu``: what torch sees of the
     GPUs (default: this machine's)."""
-    notes = check_inputs(values)
-    optim = OPTIMIZER_NAMES.get(values["optimizer"], values["optimizer"])
-    extra = parse_extra_optim_args(values["extra_optim_args"])
+    cfg, notes = check_inputs(cfg)
+    optim = OPTIMIZER_NAMES.get(cfg.optimizer, cfg.optimizer)
+    extra = parse_extra_optim_args(cfg.extra_optim_args)
     extra_fields, optim_args = extra_optimizer_settings(optim, extra)
     if optim == "adamw_torch_fused" and not settings.flag("VISIONTUNE_FUSED_ADAMW"):
         optim = "adamw_torch"  # the same update, by a loop over tensors
@@ -240,56 +245,56 @@ def plan_training(values: dict[str, Any], *, use_cpu: bool, bf16_ok: bool,
         notes.append(unusable)
     if use_cpu:
         cpu = cpu or cpu_kind()
-        if values["precision"] == 16:
+        if cfg.precision == 16:
             bf16, note = cpu_bf16(cpu)
             precision["bf16"] = bf16
             notes.append(note)
         notes.append(cpu_paths(cpu, bf16=bool(precision.get("bf16")),
-                               deepspeed=values["apply_deepspeed"]))
+                               deepspeed=cfg.apply_deepspeed))
     else:
-        if values["precision"] == 16 and bf16_ok:
+        if cfg.precision == 16 and bf16_ok:
             precision["bf16"] = True
             notes.append("precision 16 runs as bf16 mixed precision")
-        elif values["precision"] == 16:
+        elif cfg.precision == 16:
             precision["fp16"] = True
         device_options = gpu_training_options(gpu)
         on_device = normalise_on_device(gpu)
         notes.append(gpu_paths(gpu, device_options, on_device))
 
-    max_steps = values["max_steps"] if values["max_steps"] and values["max_steps"] > 0 else -1
+    max_steps = cfg.max_steps if cfg.max_steps and cfg.max_steps > 0 else -1
     args: dict[str, Any] = dict(
-        output_dir=values["output_dir_pytorch"],
-        num_train_epochs=values["number_of_epochs"],
+        output_dir=cfg.output_dir_pytorch,
+        num_train_epochs=cfg.number_of_epochs,
         max_steps=max_steps,
-        per_device_train_batch_size=values["training_batch_size"],
-        per_device_eval_batch_size=values["validation_batch_size"],
-        auto_find_batch_size=values["auto_find_batch_size"],
-        learning_rate=values["learning_rate"],
-        lr_scheduler_type=SCHEDULER_NAMES[values["learning_rate_scheduler"]],
-        warmup_steps=values["warmup_steps"],
+        per_device_train_batch_size=cfg.training_batch_size,
+        per_device_eval_batch_size=cfg.validation_batch_size,
+        auto_find_batch_size=cfg.auto_find_batch_size,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=SCHEDULER_NAMES[cfg.learning_rate_scheduler],
+        warmup_steps=cfg.warmup_steps,
         optim=optim,
         optim_args=optim_args,
-        weight_decay=values["weight_decay"],
-        gradient_accumulation_steps=values["gradient_accumulation_step"],
-        max_grad_norm=values["max_grad_norm"],
-        label_smoothing_factor=values["label_smoothing_factor"],
-        seed=values["random_seed"],
-        data_seed=values["random_seed"],
-        eval_strategy=values["evaluation_strategy"],
-        eval_steps=values["evaluation_steps"],
-        logging_strategy=values["logging_strategy"],
-        logging_steps=values["logging_steps"],
-        save_strategy=values["save_strategy"],
-        save_steps=values["save_steps"],
-        save_total_limit=None if values["save_total_limit"] == -1 else values["save_total_limit"],
+        weight_decay=cfg.weight_decay,
+        gradient_accumulation_steps=cfg.gradient_accumulation_step,
+        max_grad_norm=cfg.max_grad_norm,
+        label_smoothing_factor=cfg.label_smoothing_factor,
+        seed=cfg.random_seed,
+        data_seed=cfg.random_seed,
+        eval_strategy=cfg.evaluation_strategy,
+        eval_steps=cfg.evaluation_steps,
+        logging_strategy=cfg.logging_strategy,
+        logging_steps=cfg.logging_steps,
+        save_strategy=cfg.save_strategy,
+        save_steps=cfg.save_steps,
+        save_total_limit=None if cfg.save_total_limit == -1 else cfg.save_total_limit,
         load_best_model_at_end=True,
-        metric_for_best_model=values["metric_for_best_model"],
-        greater_is_better=values["metric_for_best_model"] != "loss",
-        dataloader_num_workers=values["number_of_workers"],
-        dataloader_persistent_workers=(values["number_of_workers"] > 0
+        metric_for_best_model=cfg.metric_for_best_model,
+        greater_is_better=cfg.metric_for_best_model != "loss",
+        dataloader_num_workers=cfg.number_of_workers,
+        dataloader_persistent_workers=(cfg.number_of_workers > 0
                                        and settings.flag("VISIONTUNE_PERSISTENT_WORKERS")),
         dataloader_prefetch_factor=(int(settings.number("VISIONTUNE_LOADER_PREFETCH"))
-                                    if values["number_of_workers"] > 0 else None),
+                                    if cfg.number_of_workers > 0 else None),
         remove_unused_columns=False,
         # MLflow tracking, when asked for, through a callback that cannot fail the run.
         report_to=[],
@@ -307,11 +312,11 @@ def plan_training(values: dict[str, Any], *, use_cpu: bool, bf16_ok: bool,
     if note:
         notes.append(note)
     ds_config = None
-    if values["apply_deepspeed"]:
+    if cfg.apply_deepspeed:
         from visiontune.training.deepspeed import autocast_16bit, plan_deepspeed
 
-        ds_config, ds_notes = plan_deepspeed(read_deepspeed_config(values["deepspeed_config"]),
-                                             values["deepspeed_config"], args,
+        ds_config, ds_notes = plan_deepspeed(read_deepspeed_config(cfg.deepspeed_config),
+                                             cfg.deepspeed_config, args,
                                              distributed.world_size())
         notes.extend(ds_notes)
         if autocast_16bit(ds_config):  # DeepSpeed's engine casts, not the Trainer
@@ -320,9 +325,9 @@ def plan_training(values: dict[str, Any], *, use_cpu: bool, bf16_ok: bool,
             notes.append("apply_deepspeed without a distributed launcher: DeepSpeed runs as a "
                          "one-process group; launch with torchrun (or Azure ML's distribution) "
                          "to train on several GPUs")
-    args["auto_find_batch_size"], note = auto_batch_size_applies(values, distributed.world_size(),
-                                                                 ds_config)
+    args["auto_find_batch_size"], note = auto_batch_size_applies(cfg.auto_find_batch_size,
+                                                                 distributed.world_size(), ds_config)
     if note:
         notes.append(note)
-    return Plan(training_args=args, notes=notes, deepspeed_config=ds_config, mlflow_tracking=tracking,
+    return Plan(config=cfg, training_args=args, notes=notes, deepspeed_config=ds_config, mlflow_tracking=tracking,
                 normalise_on_device=on_device)

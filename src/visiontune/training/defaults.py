@@ -1,8 +1,8 @@
 """The defaults chain for the training inputs marked ``auto``.
 
 Precedence (Azure's): the user's value > ``model_defaults.json`` in the model folder >
-per-model defaults > per-task defaults > base defaults. Every effective value is returned
-with where it came from, so the run can print and save both.
+per-model defaults > per-task defaults > base defaults. Every value chosen here is recorded in
+the config with the layer that chose it, so the run can print and save both.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from visiontune.config import FinetuneConfig
 from visiontune.errors import UserError
 from visiontune.inputs import FINETUNE_INPUTS
 from visiontune.tasks import MULTICLASS, MULTILABEL
@@ -114,10 +115,11 @@ def read_model_defaults(model_dir: str | Path) -> dict[str, Any]:
     return {k: specs[k].convert(v) for k, v in data.items()}
 
 
-def apply_defaults(
-    values: dict[str, Any], task: str, model_name: str | None, model_dir: str | Path | None = None
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """Fill the ``auto`` inputs left ``None``. Returns (values, source of each auto value)."""
+def apply_defaults(cfg: FinetuneConfig, model_name: str | None,
+                   model_dir: str | Path | None = None) -> FinetuneConfig:
+    """The config with the ``auto`` inputs left unset filled in, each recorded as chosen by
+    its layer (``base``, ``task ...``, ``model ...``, ``model_defaults.json``)."""
+    task = cfg.task_name
     layers = [
         ("base", BASE),
         (f"task {task}", PER_TASK.get(task, {})),
@@ -126,14 +128,26 @@ def apply_defaults(
     ]
     if model_dir is not None:
         layers.append((f"{MODEL_DEFAULTS_FILE}", read_model_defaults(model_dir)))
-    resolved = dict(values)
+    chosen: dict[str, dict[str, Any]] = {}  # layer -> the values it decides (the last one wins)
+    for name in AUTO_NAMES:
+        if getattr(cfg, name) is not None:
+            continue
+        decided = [(layer_name, layer[name]) for layer_name, layer in layers if name in layer]
+        if decided:
+            layer_name, value = decided[-1]
+            chosen.setdefault(layer_name, {})[name] = value
+    for layer_name, values in chosen.items():
+        cfg = cfg.chosen(layer_name, **values)
+    return cfg
+
+
+def defaults_sources(cfg: FinetuneConfig) -> dict[str, str]:
+    """Where each ``auto`` input's value came from, as the run prints it and
+    ``finetune_args.json`` keeps it: ``user`` for a value given, else what chose it."""
     sources: dict[str, str] = {}
     for name in AUTO_NAMES:
-        if values.get(name) is not None:
+        if cfg.given(name):
             sources[name] = "user"
-            continue
-        for layer_name, layer in layers:
-            if name in layer:
-                resolved[name] = layer[name]
-                sources[name] = layer_name
-    return resolved, sources
+        elif cfg.chosen_by(name) is not None:
+            sources[name] = cfg.chosen_by(name)
+    return sources

@@ -1,5 +1,10 @@
 """The finetune component: checked inputs -> data -> model -> Hugging Face Trainer -> outputs.
 
+``finetune`` takes a ``FinetuneConfig`` (``visiontune.config``) and runs it in named steps:
+``check_finetune`` (every input, the defaults chain, the plan), ``read_data``,
+``build_trainer``, ``train`` and ``save``; it returns a ``FinetuneResult`` and prints nothing
+(the CLI shows the plan and the result).
+
 Order matters for users: every input is checked (and the defaults chain applied) before any
 data or model is loaded, so a typo fails in a second; the data is read and verified before
 the model is loaded, so a bad dataset fails before the expensive part.
@@ -15,22 +20,23 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from visiontune import malloc
+from visiontune.config import FinetuneConfig
 from visiontune.data.storage import redact
 from visiontune.errors import UserError
 from visiontune.outputs import FolderLock, check_folder, is_visiontune_mlflow_model
 from visiontune.tasks import MULTILABEL
 from visiontune.training import distributed
-from visiontune.training.arguments import plan_training
+from visiontune.training.arguments import Plan, plan_training
 from visiontune.training.callbacks import (
     METRICS_LOG, CompleteCheckpointCallback, DatasetEpochCallback, MetricsLogCallback,
     list_checkpoints, newest_complete_checkpoint, remove_incomplete_checkpoints, trim_metrics_log,
 )
-from visiontune.training.defaults import apply_defaults
+from visiontune.training.defaults import apply_defaults, defaults_sources
 
 log = logging.getLogger("visiontune.finetune")
 
@@ -132,44 +138,42 @@ def _device_flags() -> tuple[bool, bool]:
     return True, False
 
 
-def choose_workers(values: dict[str, Any], sources: dict[str, str], use_cpu: bool) -> None:
-    """Data-loader workers that help rather than compete.
+def choose_workers(cfg: FinetuneConfig, use_cpu: bool) -> FinetuneConfig:
+    """Data-loader workers that help rather than compete; the config with the number chosen.
 
     On a CPU-only run the training's compute threads already use every core: 1 or 2 worker
     processes cost 4-13 % of the throughput and about 500 MB in the benchmark, more than the
     main-process loading they would hide (about 12 % of a bf16 step, with the decoded-image
     cache). So the default is 0 there; a value the user gives is kept. Each process on a node loads its own batches, so no
     process gets more workers than its share of the node's CPUs."""
-    if use_cpu and sources.get("number_of_workers") != "user" and values["number_of_workers"]:
-        values["number_of_workers"] = 0
-        sources["number_of_workers"] = "CPU-only run: loading in the main process"
-        return
+    if use_cpu and not cfg.given("number_of_workers") and cfg.number_of_workers:
+        return cfg.chosen("CPU-only run: loading in the main process", number_of_workers=0)
     from visiontune.hardware import gpu_kind, local_processes, workers_per_process
 
     # Under a launcher that does not say how many processes share the node (Azure ML's),
     # one per GPU (hardware.local_processes).
     shared = local_processes(gpu_kind()) > 1
     cpus = workers_per_process(os.cpu_count() or 1, gpu_kind())
-    if values["number_of_workers"] > cpus:
-        sources["number_of_workers"] = (f"reduced from {values['number_of_workers']} to the CPUs here"
-                                        + (" per process" if shared else ""))
-        values["number_of_workers"] = cpus
+    if cfg.number_of_workers > cpus:
+        return cfg.chosen(f"reduced from {cfg.number_of_workers} to the CPUs here"
+                          + (" per process" if shared else ""), number_of_workers=cpus)
+    return cfg
 
 
 def _is_main_process() -> bool:
     return distributed.is_main_process()
 
 
-def _print_plan(values: dict[str, Any], sources: dict[str, str], notes: list[str]) -> None:
-    if not _is_main_process():
-        return
+def plan_text(cfg: FinetuneConfig, sources: dict[str, str], notes: list[str]) -> str:
+    """The effective inputs, where the ones chosen by defaults came from, and the notes: what
+    the run shows before it starts."""
     lines = ["effective inputs (value, and where it came from when chosen by defaults):"]
-    for name, value in values.items():
+    for name, value in cfg.as_dict().items():
         src = sources.get(name)
         lines.append(f"  {name} = {value}" + (f"   [{src}]" if src and src != "user" else ""))
     for note in notes:
         lines.append(f"  note: {note}")
-    print("\n".join(lines), flush=True)
+    return "\n".join(lines)
 
 
 def _first(predictions):
@@ -250,17 +254,17 @@ def _earlier_run(folder: Path) -> bool:
         or any(folder.glob("checkpoint-*"))
 
 
-def check_outputs(values: dict[str, Any]) -> None:
+def check_outputs(cfg: FinetuneConfig) -> None:
     """Every output location, checked by rank 0 before any data or model is loaded."""
     if not _is_main_process():
         return
-    out = Path(values["output_dir_pytorch"])
-    if values.get("model_path") and Path(values["model_path"]).resolve() == out.resolve():
+    out = Path(cfg.output_dir_pytorch)
+    if cfg.model_path and Path(cfg.model_path).resolve() == out.resolve():
         raise UserError("--output_dir_pytorch: must not be the --model_path folder (the model "
                         "would be overwritten while it is read); give another folder")
     check_folder(out, "output_dir_pytorch", replaceable=_earlier_run, create=False)
-    if values["save_as_mlflow_model"]:
-        mlflow_dir = Path(values["output_dir_mlflow"]).resolve()
+    if cfg.save_as_mlflow_model:
+        mlflow_dir = Path(cfg.output_dir_mlflow).resolve()
         if mlflow_dir == out.resolve() or mlflow_dir in out.resolve().parents:
             raise UserError(f"--output_dir_mlflow: {mlflow_dir} must not be --output_dir_pytorch or "
                             "a folder holding it (the MLflow model replaces that folder's contents); "
@@ -269,26 +273,64 @@ def check_outputs(values: dict[str, Any]) -> None:
                      create=False)
 
 
-def check_finetune_inputs(values: dict[str, Any], model_name: str | None) -> None:
+def check_finetune_inputs(cfg: FinetuneConfig, model_name: str | None) -> None:
     """Every cross-input rule and output location, before a model exists (the pipeline
-    checks before importing)."""
+    checks before importing: its ``model_path`` is None then)."""
     distributed.check_launch_environment()
     use_cpu, bf16_ok = _device_flags()
-    resolved, _ = apply_defaults(dict(values), values["task_name"], model_name)
-    plan_training(resolved, use_cpu=use_cpu, bf16_ok=bf16_ok)
-    check_outputs(resolved)
+    plan = plan_training(apply_defaults(cfg, model_name), use_cpu=use_cpu, bf16_ok=bf16_ok)
+    check_outputs(plan.config)
 
 
-def finetune(values: dict[str, Any], *, callbacks: Iterable[Any] = (), data=None) -> FinetuneResult:
-    """Run the finetune component on resolved CLI/config values (see inputs.FINETUNE_INPUTS).
+@dataclass
+class Setup:
+    """What the checks decided, before any data or model is loaded."""
+
+    config: FinetuneConfig  # the effective inputs: defaults chain, workers, alignments applied
+    sources: dict[str, str]  # where each auto input came from, as shown and saved
+    plan: Plan
+    model_dir: Path
+    metadata: dict[str, Any]  # of the model folder (model_selector_args.json)
+    base_model: str | None
+
+
+@dataclass
+class _Run:
+    """A run ready to train, and what saving it needs."""
+
+    setup: Setup
+    data: Any  # PreparedData
+    args: Any  # TrainingArguments
+    trainer: Any  # VisionTrainer
+    pre: Any  # the resolved Preprocessing
+    val_ds: Any
+    checkpoint: Path | None  # to resume from
+
+
+def finetune(cfg: FinetuneConfig, *, callbacks: Iterable[Any] = (), data=None,
+             show: Callable[[str], None] | None = None) -> FinetuneResult:
+    """Run the finetune component on a ``FinetuneConfig`` (``visiontune.config``): check,
+    read the data, build the trainer, train, save. Returns the output folders and the best
+    model's validation metrics; prints nothing.
 
     ``data``: the PreparedData of these inputs when the caller has read it already.
+    ``show``: where the lines for the person running it go (the plan before training, a note
+    found when the model is loaded); the CLI prints them, by default they are logged.
 
     Under torchrun or Azure ML's distribution every process calls this; each returns only after
     rank 0 has written every output (see training/distributed.py)."""
+    show = show or log.info
     try:
         with contextlib.ExitStack() as stack:
-            return _finetune(values, callbacks=callbacks, data=data, stack=stack)
+            setup = check_finetune(cfg)
+            if _is_main_process():  # held until every output is written
+                stack.enter_context(FolderLock(Path(setup.config.output_dir_pytorch), "output_dir_pytorch"))
+                show(plan_text(setup.config, setup.sources, setup.plan.notes))
+            # Data before model: a bad dataset fails before anything heavy is loaded.
+            run = build_trainer(setup, read_data(setup.config) if data is None else data,
+                                callbacks, show)
+            train(run)
+            return save(run)
     except BaseException:
         distributed.leave_after_failure()
         raise
@@ -296,56 +338,55 @@ def finetune(values: dict[str, Any], *, callbacks: Iterable[Any] = (), data=None
         distributed.end_one_process_world()
 
 
-def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data,
-              stack: contextlib.ExitStack) -> FinetuneResult:
-    values = dict(values)
-    task = values["task_name"]
-    model_dir = check_model_folder(values["model_path"])
+def check_finetune(cfg: FinetuneConfig) -> Setup:
+    """Every input checked, the defaults chain applied and the training planned, before any
+    data or model is loaded: a typo fails in a second."""
+    model_dir = check_model_folder(cfg.model_path)
 
     from visiontune.model_folder import read_metadata
 
     # Azure's import layout keeps the model in a subfolder and its metadata beside it
-    metadata = read_metadata(model_dir) or read_metadata(values["model_path"])
+    metadata = read_metadata(model_dir) or read_metadata(cfg.model_path)
     base_model = _model_name(model_dir, metadata)
-    values, sources = apply_defaults(values, task, base_model, model_dir)
+    cfg = apply_defaults(cfg, base_model, model_dir)
     distributed.check_launch_environment()
     use_cpu, bf16_ok = _device_flags()
-    choose_workers(values, sources, use_cpu)
-    plan = plan_training(values, use_cpu=use_cpu, bf16_ok=bf16_ok)
-    if values["apply_ort"]:
+    cfg = choose_workers(cfg, use_cpu)
+    sources = defaults_sources(cfg)  # before the plan's alignments, which are notes instead
+    plan = plan_training(cfg, use_cpu=use_cpu, bf16_ok=bf16_ok)
+    if plan.config.apply_ort:
         from visiontune.training.apply_ort import check_apply_ort
 
         check_apply_ort()  # missing packages fail here, before any data or model is loaded
-    check_outputs(values)
-    if _is_main_process():  # held until every output is written
-        stack.enter_context(FolderLock(Path(values["output_dir_pytorch"]), "output_dir_pytorch"))
-    _print_plan(values, sources, plan.notes)
+    check_outputs(plan.config)
+    return Setup(plan.config, sources, plan, model_dir, metadata, base_model)
 
-    # Data before model: a bad dataset fails before anything heavy is loaded.
-    from visiontune.data.dataset import ImageDataset
+
+def read_data(cfg):
+    """The training and validation data of a finetune (or pipeline) config, every image
+    checked."""
     from visiontune.data.prepare import prepare_data
-    from visiontune.data.transforms import (
-        DeviceNormalize, describe_augmentations, eval_transform, resolve_preprocessing,
-        train_transform,
+
+    return prepare_data(
+        cfg.training_data, cfg.validation_data, task=cfg.task_name,
+        image_column=cfg.image_column, label_column=cfg.label_column,
+        validation_fraction=cfg.validation_fraction, seed=cfg.random_seed,
+        skip_bad_rows=cfg.skip_bad_rows,
     )
 
-    if data is None:
-        data = prepare_data(
-            values["training_data"], values["validation_data"], task=task,
-            image_column=values["image_column"], label_column=values["label_column"],
-            validation_fraction=values["validation_fraction"], seed=values["random_seed"],
-            skip_bad_rows=values["skip_bad_rows"],
-        )
 
-    from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
+def build_trainer(setup: Setup, data, callbacks: Iterable[Any],
+                  show: Callable[[str], None]) -> _Run:
+    """The output folder prepared (or the checkpoint to resume from chosen), the datasets, the
+    model and the trainer."""
+    from transformers import TrainingArguments
 
-    from visiontune.models.loading import (
-        load_for_finetune, load_image_processor, prefer_channels_last,
-    )
-    from visiontune.training.deepspeed import autocast_16bit, whole_weights_while_loading
-    from visiontune.training.trainer import VisionTrainer, plan_unused_parameters
+    from visiontune.data.transforms import DeviceNormalize, resolve_preprocessing
+    from visiontune.models.loading import load_image_processor
+    from visiontune.training.trainer import VisionTrainer
 
-    out = Path(values["output_dir_pytorch"])
+    cfg, plan = setup.config, setup.plan
+    out = Path(cfg.output_dir_pytorch)
     show_lines = not sys.stderr.isatty()
     if plan.deepspeed_config is not None:
         distributed.start_one_process_world()  # a no-op under a launcher
@@ -354,121 +395,170 @@ def _finetune(values: dict[str, Any], *, callbacks: Iterable[Any], data,
     args = TrainingArguments(**plan.training_args, deepspeed=plan.deepspeed_config,
                              disable_tqdm=show_lines)
     distributed.prepare()
-    checkpoint = _prepare_output_dir(out, values["resume_from_checkpoint"])
+    checkpoint = _prepare_output_dir(out, cfg.resume_from_checkpoint)
 
-    processor = load_image_processor(model_dir)
-    pre = resolve_preprocessing(processor, values["image_height"], values["image_width"])
-    on_device = plan.normalise_on_device
-    # The node's first process decodes the images into the shared cache; the others then
-    # find them there instead of decoding the whole dataset again each.
-    with args.main_process_first(local=True, desc="filling the decoded-image cache"):
-        train_ds = ImageDataset(data.train, data.classes, task,
-                                train_transform(pre, values["apply_augmentations"], on_device),
-                                seed=values["random_seed"])
-        val_ds = ImageDataset(data.validation, data.classes, task, eval_transform(pre, on_device))
-
-    if not _is_main_process():
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()  # one log: rank 0's (loading reports, warnings)
-    set_seed(values["random_seed"])  # the new head's initialisation is part of the run
-    with whole_weights_while_loading(args):
-        model = load_for_finetune(model_dir, data.classes, task, (pre.height, pre.width))
-    if plan.deepspeed_config is None:  # DeepSpeed flattens the weights into its own buffers
-        model = prefer_channels_last(model)
-    unused_note = plan_unused_parameters(model, args, pre.height, pre.width)
-    if unused_note:
-        plan.notes.append(unused_note)
-        if _is_main_process():
-            print(f"  note: {unused_note}", flush=True)
-    threshold = values["multilabel_threshold"]
-    trainer_callbacks = [CompleteCheckpointCallback(), DatasetEpochCallback(train_ds),
-                         MetricsLogCallback(out / METRICS_LOG, show_lines)]
-    if values["early_stopping"]:
-        trainer_callbacks.append(EarlyStoppingCallback(values["early_stopping_patience"]))
-    if plan.mlflow_tracking:
-        from visiontune.training.tracking import tracking_callback
-
-        trainer_callbacks.append(tracking_callback())
+    pre = resolve_preprocessing(load_image_processor(setup.model_dir), cfg.image_height,
+                                cfg.image_width)
+    train_ds, val_ds = _datasets(cfg, data, pre, args, plan.normalise_on_device)
+    model = _load_model(setup, data, pre, args, show)
     trainer = VisionTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-        compute_metrics=_scalar_metrics(task, threshold, len(val_ds),
+        compute_metrics=_scalar_metrics(cfg.task_name, cfg.multilabel_threshold, len(val_ds),
                                         plan.training_args["label_smoothing_factor"]),
-        callbacks=[*trainer_callbacks, *callbacks],
-        normalise=DeviceNormalize(pre) if on_device else None,
+        callbacks=[*_trainer_callbacks(cfg, plan, out, train_ds, show_lines), *callbacks],
+        normalise=DeviceNormalize(pre) if plan.normalise_on_device else None,
     )
     if show_lines:
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # MetricsLogCallback prints readable lines instead
+    return _Run(setup, data, args, trainer, pre, val_ds, checkpoint)
+
+
+def _datasets(cfg: FinetuneConfig, data, pre, args, on_device: bool):
+    """The training and validation datasets. The node's first process decodes the images into
+    the shared cache; the others then find them there instead of decoding the whole dataset
+    again each."""
+    from visiontune.data.dataset import ImageDataset
+    from visiontune.data.transforms import eval_transform, train_transform
+
+    with args.main_process_first(local=True, desc="filling the decoded-image cache"):
+        train_ds = ImageDataset(data.train, data.classes, cfg.task_name,
+                                train_transform(pre, cfg.apply_augmentations, on_device),
+                                seed=cfg.random_seed)
+        val_ds = ImageDataset(data.validation, data.classes, cfg.task_name,
+                              eval_transform(pre, on_device))
+    return train_ds, val_ds
+
+
+def _load_model(setup: Setup, data, pre, args, show: Callable[[str], None]):
+    """The model with a new head for the data's classes; a note (shown and saved) when some of
+    its weights get no gradient."""
+    from transformers import set_seed
+
+    from visiontune.models.loading import load_for_finetune, prefer_channels_last
+    from visiontune.training.deepspeed import whole_weights_while_loading
+    from visiontune.training.trainer import plan_unused_parameters
+
+    if not _is_main_process():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # one log: rank 0's (loading reports, warnings)
+    set_seed(setup.config.random_seed)  # the new head's initialisation is part of the run
+    with whole_weights_while_loading(args):
+        model = load_for_finetune(setup.model_dir, data.classes, setup.config.task_name,
+                                  (pre.height, pre.width))
+    if setup.plan.deepspeed_config is None:  # DeepSpeed flattens the weights into its own buffers
+        model = prefer_channels_last(model)
+    unused_note = plan_unused_parameters(model, args, pre.height, pre.width)
+    if unused_note:
+        setup.plan.notes.append(unused_note)
+        if _is_main_process():
+            show(f"  note: {unused_note}")
+    return model
+
+
+def _trainer_callbacks(cfg: FinetuneConfig, plan: Plan, out: Path, train_ds, show_lines: bool) -> list[Any]:
+    from transformers import EarlyStoppingCallback
+
+    callbacks = [CompleteCheckpointCallback(), DatasetEpochCallback(train_ds),
+                 MetricsLogCallback(out / METRICS_LOG, show_lines)]
+    if cfg.early_stopping:
+        callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
+    if plan.mlflow_tracking:
+        from visiontune.training.tracking import tracking_callback
+
+        callbacks.append(tracking_callback())
+    return callbacks
+
+
+def train(run: _Run) -> None:
+    trainer, checkpoint = run.trainer, run.checkpoint
     malloc.release()  # what checking and caching the images freed, before the steps reuse it
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     malloc.release()
 
-    # The best model is loaded at the end; evaluate it once more on the whole validation set.
+
+def _evaluate_best(run: _Run):
+    """The best model (loaded at the end) evaluated once more on the whole validation set:
+    its metrics, logits and the label ids."""
     from visiontune.metrics import compute_metrics
 
-    prediction = trainer.predict(val_ds, metric_key_prefix="eval")
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, (tuple, list)) else prediction.predictions
-    metrics = compute_metrics(np.asarray(logits), np.asarray(prediction.label_ids), task,
-                              threshold=threshold, class_names=data.classes)
+    cfg = run.setup.config
+    prediction = run.trainer.predict(run.val_ds, metric_key_prefix="eval")
+    logits = _first(prediction.predictions)
+    metrics = compute_metrics(np.asarray(logits), np.asarray(prediction.label_ids), cfg.task_name,
+                              threshold=cfg.multilabel_threshold, class_names=run.data.classes)
     metrics["loss"] = float(prediction.metrics.get("eval_loss", float("nan")))
+    return metrics, logits, prediction.label_ids
 
+
+def save(run: _Run) -> FinetuneResult:
+    """The best model evaluated and saved with everything beside it (rank 0 writes; every rank
+    returns once it has)."""
+    metrics, logits, label_ids = _evaluate_best(run)
+    setup, trainer, pre = run.setup, run.trainer, run.pre
+    cfg = setup.config
+    out = Path(cfg.output_dir_pytorch)
     # Every rank saves: under ZeRO-3 the weights are gathered from all of them (rank 0 writes).
     processor = processor_to_save(trainer.model.config, pre)
-    timm = processor is None
     trainer.save_model(str(out))
     mlflow_dir = None
     if trainer.is_world_process_zero():
+        from visiontune.data.transforms import describe_augmentations
         from visiontune.models.loading import native_image_size
+        from visiontune.training.deepspeed import whole_weights_while_loading
 
-        with whole_weights_while_loading(args):  # reloaded whole, not into ZeRO-3 partitions
+        with whole_weights_while_loading(run.args):  # reloaded whole, not into ZeRO-3 partitions
             native_image_size(out, pre.height, pre.width)
-        _write_outputs(out, trainer, processor, pre, timm, data, values, sources, plan.notes,
-                       metrics, base_model, metadata,
-                       describe_augmentations(pre, values["apply_augmentations"], on_device))
-        from visiontune.training.apply_ort import ONNX_SUBDIR, export_and_validate
-
-        onnx_dir = None
-        if values["apply_ort"]:
-            onnx_dir = export_and_validate(
-                out, data.validation, prediction.label_ids, logits,
-                batch_size=values["validation_batch_size"],
-                mixed_precision=bool(trainer.args.fp16 or trainer.args.bf16
-                                     or autocast_16bit(plan.deepspeed_config)))
-        else:  # an earlier run's export would not match this model
-            shutil.rmtree(out / ONNX_SUBDIR, ignore_errors=True)
-        if values["save_as_mlflow_model"]:
+        _write_outputs(out, setup=setup, data=run.data, pre=pre, processor=processor,
+                       metrics=metrics, augmentations=describe_augmentations(
+                           pre, cfg.apply_augmentations, setup.plan.normalise_on_device))
+        onnx_dir = _onnx_export(run, out, logits, label_ids)
+        if cfg.save_as_mlflow_model:
             from visiontune.serving.mlflow_model import save_mlflow_model
 
-            mlflow_dir = save_mlflow_model(out, values["output_dir_mlflow"], onnx_dir=onnx_dir)
-        summary = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        print(f"validation metrics of the best model: {summary}", flush=True)
-        print(f"pytorch model: {out}", flush=True)
-        if mlflow_dir:
-            print(f"mlflow model: {mlflow_dir}", flush=True)
+            mlflow_dir = save_mlflow_model(out, cfg.output_dir_mlflow, onnx_dir=onnx_dir)
     distributed.wait_for_main_process("writing the outputs")
-    return FinetuneResult(out, mlflow_dir, metrics, data.classes)
+    return FinetuneResult(out, mlflow_dir, metrics, run.data.classes)
 
 
-def _write_outputs(out, trainer, processor, pre, timm, data, values, sources, notes, metrics,
-                   base_model, metadata, augmentations) -> None:
-    """Everything beside the weights (saved already); ``timm``: a timm-wrapper model, whose
-    preprocessing lives in its config rather than in a processor file."""
+def _onnx_export(run: _Run, out: Path, logits, label_ids) -> Path | None:
+    """With apply_ort, the ONNX export checked against the PyTorch model's validation logits;
+    without, an earlier run's export is removed (it would not match this model)."""
+    from visiontune.training.apply_ort import ONNX_SUBDIR, export_and_validate
+    from visiontune.training.deepspeed import autocast_16bit
+
+    cfg, args = run.setup.config, run.trainer.args
+    if not cfg.apply_ort:
+        shutil.rmtree(out / ONNX_SUBDIR, ignore_errors=True)
+        return None
+    return export_and_validate(
+        out, run.data.validation, label_ids, logits, batch_size=cfg.validation_batch_size,
+        mixed_precision=bool(args.fp16 or args.bf16
+                             or autocast_16bit(run.setup.plan.deepspeed_config)))
+
+
+def _write_outputs(out: Path, *, setup: Setup, data, pre, processor, metrics: dict[str, Any],
+                   augmentations: dict[str, Any]) -> None:
+    """Everything beside the weights (saved already); ``processor`` None: a timm-wrapper model,
+    whose preprocessing lives in its config rather than in a processor file."""
     from visiontune.model_folder import write_metadata
 
-    if timm:
+    if processor is None:
         from visiontune.models.builtin import write_timm_processor_config
 
         write_timm_processor_config(out)
     else:
         processor.save_pretrained(str(out))
-    task = values["task_name"]
-    parent = metadata.get("model_metadata", {})
+    cfg, base_model = setup.config, setup.base_model
+    values, sources, notes = cfg.as_dict(), setup.sources, setup.plan.notes
+    task = cfg.task_name
+    parent = setup.metadata.get("model_metadata", {})
     write_metadata(out, {
         "model_name": base_model,
         "source": "finetune",
-        "source_path": str(Path(values["model_path"]).resolve()),
+        "source_path": str(Path(cfg.model_path).resolve()),
         "pytorch_model_path": ".",
         "mlflow_model_path": None,
         "model_metadata": {
@@ -478,7 +568,7 @@ def _write_outputs(out, trainer, processor, pre, timm, data, values, sources, no
             "id2label": {str(i): c for i, c in enumerate(data.classes)},
         },
         "preprocessing": pre.to_dict(),
-        "multilabel_threshold": values["multilabel_threshold"] if task == MULTILABEL else None,
+        "multilabel_threshold": cfg.multilabel_threshold if task == MULTILABEL else None,
     })
     (out / ARGS_FILE).write_text(json.dumps(
         {"values": values, "sources": sources, "notes": notes}, indent=2, default=str), encoding="utf-8")
@@ -490,8 +580,8 @@ def _write_outputs(out, trainer, processor, pre, timm, data, values, sources, no
         with (out / VALIDATION_SPLIT_FILE).open("w", encoding="utf-8") as fh:
             for r in data.validation:
                 label = list(r.label) if isinstance(r.label, tuple) else r.label
-                fh.write(json.dumps({values["image_column"]: redact(r.image),
-                                     values["label_column"]: label}) + "\n")
+                fh.write(json.dumps({cfg.image_column: redact(r.image),
+                                     cfg.label_column: label}) + "\n")
     (out / EVAL_RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=float), encoding="utf-8")
     from visiontune.model_card import write_model_card
 
