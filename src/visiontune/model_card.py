@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from visiontune import __version__
-from visiontune.tasks import MULTILABEL
-from visiontune.model_folder import METADATA_FILE, read_metadata
+from visiontune.model_folder import (
+    ARGS_FILE, AUGMENTATIONS_FILE, EVAL_RESULTS_FILE, METADATA_FILE, read_metadata,
+)
 from visiontune.outputs import write_text_atomic
-from visiontune.training.finetune import ARGS_FILE, AUGMENTATIONS_FILE, EVAL_RESULTS_FILE
+from visiontune.tasks import MULTILABEL
 
 CARD_FILE = "README.md"
 FACTS_FILE = "model_card.json"

@@ -1,4 +1,5 @@
-"""A model folder's own record, ``model_selector_args.json``: named, read and written here only.
+"""A model folder's own record, ``model_selector_args.json``: named, read and written here only;
+and the names of the other files finetune leaves in it.
 
 Import writes it (where the model came from, Azure's layout), finetune rewrites it (task,
 labels, preprocessing, threshold), evaluation stores a tuned threshold in it; fine-tuning,
@@ -13,6 +14,11 @@ from visiontune.errors import UserError
 from visiontune.outputs import write_json_atomic
 
 METADATA_FILE = "model_selector_args.json"
+# What finetune writes beside the weights, for the model card and for people: the resolved
+# inputs and their sources, the augmentations, the best model's validation metrics.
+ARGS_FILE = "finetune_args.json"
+AUGMENTATIONS_FILE = "augmentations.json"
+EVAL_RESULTS_FILE = "eval_results.json"
 
 
 def metadata_path(folder: str | Path) -> Path:

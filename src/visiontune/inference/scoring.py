@@ -28,8 +28,8 @@ def open_model(path: str | Path, runtime: str = "auto") -> ClassifierBase:
 
     ``runtime`` auto: ONNX Runtime when the model has an ONNX export (``find_export``; it
     passed the parity check against PyTorch when it was written), onnxruntime is installed and
-    there is no GPU: 2.5x PyTorch's images/s for EfficientNet-Lite0 on the CPU (BENCHMARKS.md).
-    Otherwise PyTorch."""
+    there is no GPU (faster than PyTorch on the CPU: BENCHMARKS.md, *Results*). Otherwise
+    PyTorch."""
     import torch
 
     if runtime not in RUNTIMES:

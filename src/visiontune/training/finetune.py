@@ -28,6 +28,7 @@ from visiontune import malloc
 from visiontune.config import FinetuneConfig
 from visiontune.data.storage import redact
 from visiontune.errors import UserError
+from visiontune.model_folder import ARGS_FILE, AUGMENTATIONS_FILE, EVAL_RESULTS_FILE
 from visiontune.outputs import FolderLock, check_folder, is_visiontune_mlflow_model
 from visiontune.tasks import MULTILABEL
 from visiontune.training import distributed
@@ -40,9 +41,6 @@ from visiontune.training.defaults import apply_defaults, defaults_sources
 
 log = logging.getLogger("visiontune.finetune")
 
-ARGS_FILE = "finetune_args.json"
-AUGMENTATIONS_FILE = "augmentations.json"
-EVAL_RESULTS_FILE = "eval_results.json"
 VALIDATION_SPLIT_FILE = "validation_split.jsonl"
 
 
@@ -141,11 +139,11 @@ def _device_flags() -> tuple[bool, bool]:
 def choose_workers(cfg: FinetuneConfig, use_cpu: bool) -> FinetuneConfig:
     """Data-loader workers that help rather than compete; the config with the number chosen.
 
-    On a CPU-only run the training's compute threads already use every core: 1 or 2 worker
-    processes cost 4-13 % of the throughput and about 500 MB in the benchmark, more than the
-    main-process loading they would hide (about 12 % of a bf16 step, with the decoded-image
-    cache). So the default is 0 there; a value the user gives is kept. Each process on a node loads its own batches, so no
-    process gets more workers than its share of the node's CPUs."""
+    On a CPU-only run the training's compute threads already use every core: worker processes
+    cost more throughput and memory than the main-process loading they would hide (with the
+    decoded-image cache; BENCHMARKS.md, *Levers*). So the default is 0 there; a value the user
+    gives is kept. Each process on a node loads its own batches, so no process gets more
+    workers than its share of the node's CPUs."""
     if use_cpu and not cfg.given("number_of_workers") and cfg.number_of_workers:
         return cfg.chosen("CPU-only run: loading in the main process", number_of_workers=0)
     from visiontune.hardware import gpu_kind, local_processes, workers_per_process
