@@ -43,9 +43,14 @@ ARGUMENTS = "src/visiontune/training/arguments.py"
 COLUMNAR = "src/visiontune/data/columnar.py"
 STORAGE = "src/visiontune/data/storage.py"
 CHECKED = "src/visiontune/data/checked.py"
+TRACKING = "src/visiontune/training/tracking.py"
+CONSOLE = "src/visiontune/console.py"
 
 T_REUSED_CHECK = ("tests/data/test_prepare.py::test_an_earlier_check_is_reused_only_when_asked_and_"
                   "only_for_unchanged_images")
+T_TRACKING_ONE_LINE = "tests/training/test_finetune.py::test_a_tracking_plugin_s_own_log_lines_give_way_to_one_warning"
+T_SILENCED_THREADS = ("tests/test_console.py::test_silenced_blocks_overlapping_in_threads_keep_the_loggers_"
+                      "silent_until_the_last_leaves")
 T_FORMAT_BAD_ROWS = "tests/data/test_formats.py::test_bad_rows_in_parquet_are_reported_with_their_row"
 T_RESUME = "tests/training/test_finetune.py::test_resume_equals_an_uninterrupted_run"
 T_RESUME_MID = "tests/training/test_finetune.py::test_resume_in_the_middle_of_an_epoch_equals_an_uninterrupted_run[plain]"
@@ -103,6 +108,7 @@ AZURE = "Azure component specs: Azure's interface, optional inputs, not determin
 PREPROCESSING = "one preprocessing for validation, evaluation and serving (the saved processor too)"
 GPU_LOADER = "a GPU run's loader: uint8 batches normalised on the device, the image cache filled once per node"
 DATA_CHECK = "the data check decodes every image: damaged files are bad rows"
+TRACKING_P = "tracking that cannot be reached never fails a run: one warning line, training goes on"
 
 BREAKS: list[Break] = [
     # --- resume ---------------------------------------------------------------------------
@@ -294,6 +300,16 @@ BREAKS: list[Break] = [
     Break("data-check-passes-bad-rows", DATA_CHECK, CHECK,
           "    elif problems and not skip_bad_rows:",
           "    elif False:", (T_CHECK_REPORT,)),
+    # --- tracking -------------------------------------------------------------------------
+    Break("tracking-plugin-logs-shown", TRACKING_P, TRACKING,
+          "                with silenced(AZURE_LIBRARIES):",
+          "                with silenced(()):", (T_TRACKING_ONE_LINE,)),
+    Break("tracking-failure-not-caught", TRACKING_P, TRACKING,
+          "            except Exception as exc:  # noqa: BLE001 - any tracking failure, by design",
+          "            except KeyboardInterrupt as exc:", (T_TRACKING_ONE_LINE,)),
+    Break("silenced-ends-with-the-first-block", TRACKING_P, CONSOLE,
+          "                if depth > 1:",
+          "                if False:", (T_SILENCED_THREADS,)),
     # --- one preprocessing --------------------------------------------------------------
     Break("saved-processor-bicubic", PREPROCESSING, TRANSFORMS,
           '"resample": _PIL_CODES[pre.interpolation]',
