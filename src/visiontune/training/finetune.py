@@ -23,12 +23,27 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
+from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
+from transformers.trainer_callback import PrinterCallback
+from transformers.utils import logging as hf_logging
 
-from visiontune import malloc
+from visiontune import hardware, malloc
 from visiontune.config import FinetuneConfig
+from visiontune.data.dataset import ImageDataset
+from visiontune.data.prepare import prepare_data
 from visiontune.data.storage import redact
+from visiontune.data.transforms import (
+    DeviceNormalize, describe_augmentations, eval_transform, hf_image_processor,
+    resolve_preprocessing, timm_pretrained_cfg, train_transform,
+)
 from visiontune.errors import UserError
-from visiontune.model_folder import ARGS_FILE, AUGMENTATIONS_FILE, EVAL_RESULTS_FILE
+from visiontune.metrics import compute_metrics
+from visiontune.model_card import write_model_card
+from visiontune.model_folder import (
+    ARGS_FILE, AUGMENTATIONS_FILE, EVAL_RESULTS_FILE, metadata_path, read_metadata, write_metadata,
+)
+from visiontune.models import loading
+from visiontune.models.builtin import write_timm_processor_config
 from visiontune.outputs import FolderLock, check_folder, is_visiontune_mlflow_model
 from visiontune.tasks import MULTILABEL
 from visiontune.training import distributed
@@ -37,7 +52,10 @@ from visiontune.training.callbacks import (
     METRICS_LOG, CompleteCheckpointCallback, DatasetEpochCallback, MetricsLogCallback,
     list_checkpoints, newest_complete_checkpoint, remove_incomplete_checkpoints, trim_metrics_log,
 )
+from visiontune.training.deepspeed import autocast_16bit, whole_weights_while_loading
 from visiontune.training.defaults import apply_defaults, defaults_sources
+from visiontune.training.tracking import tracking_callback
+from visiontune.training.trainer import VisionTrainer, mean_loss, plan_unused_parameters
 
 log = logging.getLogger("visiontune.finetune")
 
@@ -85,8 +103,6 @@ def _selected_model_folder(folder: Path) -> Path | None:
     """The model folder a model import output's ``model_selector_args.json`` points to; None
     when there is no such file. An import output without model files (Azure's import of a hub
     model leaves the download to its finetune) fails with what to do instead."""
-    from visiontune.model_folder import metadata_path, read_metadata
-
     path = metadata_path(folder)
     if not path.is_file():
         return None
@@ -126,9 +142,7 @@ def _selected_model_folder(folder: Path) -> Path | None:
 
 
 def _device_flags() -> tuple[bool, bool]:
-    from visiontune.hardware import gpu_kind
-
-    gpu = gpu_kind()
+    gpu = hardware.gpu_kind()
     if gpu.cuda_available:
         # Native bf16 only (compute capability 8+, or ROCm): torch.cuda.is_bf16_supported() also
         # says yes for a V100, which only emulates it, slowly; fp16 is its mixed precision.
@@ -146,12 +160,11 @@ def choose_workers(cfg: FinetuneConfig, use_cpu: bool) -> FinetuneConfig:
     workers than its share of the node's CPUs."""
     if use_cpu and not cfg.given("number_of_workers") and cfg.number_of_workers:
         return cfg.chosen("CPU-only run: loading in the main process", number_of_workers=0)
-    from visiontune.hardware import gpu_kind, local_processes, workers_per_process
 
     # Under a launcher that does not say how many processes share the node (Azure ML's),
     # one per GPU (hardware.local_processes).
-    shared = local_processes(gpu_kind()) > 1
-    cpus = workers_per_process(os.cpu_count() or 1, gpu_kind())
+    shared = hardware.local_processes(hardware.gpu_kind()) > 1
+    cpus = hardware.workers_per_process(os.cpu_count() or 1, hardware.gpu_kind())
     if cfg.number_of_workers > cpus:
         return cfg.chosen(f"reduced from {cfg.number_of_workers} to the CPUs here"
                           + (" per process" if shared else ""), number_of_workers=cpus)
@@ -189,9 +202,6 @@ def check_row_count(label_ids, expected: int) -> None:
 
 
 def _scalar_metrics(task: str, threshold: float, rows: int, label_smoothing: float):
-    from visiontune.metrics import compute_metrics
-    from visiontune.training.trainer import mean_loss
-
     def compute(prediction) -> dict[str, float]:
         logits = _first(prediction.predictions)
         check_row_count(prediction.label_ids, rows)
@@ -340,9 +350,6 @@ def check_finetune(cfg: FinetuneConfig) -> Setup:
     """Every input checked, the defaults chain applied and the training planned, before any
     data or model is loaded: a typo fails in a second."""
     model_dir = check_model_folder(cfg.model_path)
-
-    from visiontune.model_folder import read_metadata
-
     # Azure's import layout keeps the model in a subfolder and its metadata beside it
     metadata = read_metadata(model_dir) or read_metadata(cfg.model_path)
     base_model = _model_name(model_dir, metadata)
@@ -363,8 +370,6 @@ def check_finetune(cfg: FinetuneConfig) -> Setup:
 def read_data(cfg):
     """The training and validation data of a finetune (or pipeline) config, every image
     checked."""
-    from visiontune.data.prepare import prepare_data
-
     return prepare_data(
         cfg.training_data, cfg.validation_data, task=cfg.task_name,
         image_column=cfg.image_column, label_column=cfg.label_column,
@@ -377,12 +382,6 @@ def build_trainer(setup: Setup, data, callbacks: Iterable[Any],
                   show: Callable[[str], None]) -> _Run:
     """The output folder prepared (or the checkpoint to resume from chosen), the datasets, the
     model and the trainer."""
-    from transformers import TrainingArguments
-
-    from visiontune.data.transforms import DeviceNormalize, resolve_preprocessing
-    from visiontune.models.loading import load_image_processor
-    from visiontune.training.trainer import VisionTrainer
-
     cfg, plan = setup.config, setup.plan
     out = Path(cfg.output_dir_pytorch)
     show_lines = not sys.stderr.isatty()
@@ -395,7 +394,7 @@ def build_trainer(setup: Setup, data, callbacks: Iterable[Any],
     distributed.prepare()
     checkpoint = _prepare_output_dir(out, cfg.resume_from_checkpoint)
 
-    pre = resolve_preprocessing(load_image_processor(setup.model_dir), cfg.image_height,
+    pre = resolve_preprocessing(loading.load_image_processor(setup.model_dir), cfg.image_height,
                                 cfg.image_width)
     train_ds, val_ds = _datasets(cfg, data, pre, args, plan.normalise_on_device)
     model = _load_model(setup, data, pre, args, show)
@@ -407,8 +406,6 @@ def build_trainer(setup: Setup, data, callbacks: Iterable[Any],
         normalise=DeviceNormalize(pre) if plan.normalise_on_device else None,
     )
     if show_lines:
-        from transformers.trainer_callback import PrinterCallback
-
         trainer.remove_callback(PrinterCallback)  # MetricsLogCallback prints readable lines instead
     return _Run(setup, data, args, trainer, pre, val_ds, checkpoint)
 
@@ -417,9 +414,6 @@ def _datasets(cfg: FinetuneConfig, data, pre, args, on_device: bool):
     """The training and validation datasets. The node's first process decodes the images into
     the shared cache; the others then find them there instead of decoding the whole dataset
     again each."""
-    from visiontune.data.dataset import ImageDataset
-    from visiontune.data.transforms import eval_transform, train_transform
-
     with args.main_process_first(local=True, desc="filling the decoded-image cache"):
         train_ds = ImageDataset(data.train, data.classes, cfg.task_name,
                                 train_transform(pre, cfg.apply_augmentations, on_device),
@@ -432,22 +426,14 @@ def _datasets(cfg: FinetuneConfig, data, pre, args, on_device: bool):
 def _load_model(setup: Setup, data, pre, args, show: Callable[[str], None]):
     """The model with a new head for the data's classes; a note (shown and saved) when some of
     its weights get no gradient."""
-    from transformers import set_seed
-
-    from visiontune.models.loading import load_for_finetune, prefer_channels_last
-    from visiontune.training.deepspeed import whole_weights_while_loading
-    from visiontune.training.trainer import plan_unused_parameters
-
     if not _is_main_process():
-        from transformers.utils import logging as hf_logging
-
         hf_logging.set_verbosity_error()  # one log: rank 0's (loading reports, warnings)
     set_seed(setup.config.random_seed)  # the new head's initialisation is part of the run
     with whole_weights_while_loading(args):
-        model = load_for_finetune(setup.model_dir, data.classes, setup.config.task_name,
-                                  (pre.height, pre.width))
+        model = loading.load_for_finetune(setup.model_dir, data.classes, setup.config.task_name,
+                                          (pre.height, pre.width))
     if setup.plan.deepspeed_config is None:  # DeepSpeed flattens the weights into its own buffers
-        model = prefer_channels_last(model)
+        model = loading.prefer_channels_last(model)
     unused_note = plan_unused_parameters(model, args, pre.height, pre.width)
     if unused_note:
         setup.plan.notes.append(unused_note)
@@ -457,15 +443,11 @@ def _load_model(setup: Setup, data, pre, args, show: Callable[[str], None]):
 
 
 def _trainer_callbacks(cfg: FinetuneConfig, plan: Plan, out: Path, train_ds, show_lines: bool) -> list[Any]:
-    from transformers import EarlyStoppingCallback
-
     callbacks = [CompleteCheckpointCallback(), DatasetEpochCallback(train_ds),
                  MetricsLogCallback(out / METRICS_LOG, show_lines)]
     if cfg.early_stopping:
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
     if plan.mlflow_tracking:
-        from visiontune.training.tracking import tracking_callback
-
         callbacks.append(tracking_callback())
     return callbacks
 
@@ -480,8 +462,6 @@ def train(run: _Run) -> None:
 def _evaluate_best(run: _Run):
     """The best model (loaded at the end) evaluated once more on the whole validation set:
     its metrics, logits and the label ids."""
-    from visiontune.metrics import compute_metrics
-
     cfg = run.setup.config
     prediction = run.trainer.predict(run.val_ds, metric_key_prefix="eval")
     logits = _first(prediction.predictions)
@@ -503,12 +483,8 @@ def save(run: _Run) -> FinetuneResult:
     trainer.save_model(str(out))
     mlflow_dir = None
     if trainer.is_world_process_zero():
-        from visiontune.data.transforms import describe_augmentations
-        from visiontune.models.loading import native_image_size
-        from visiontune.training.deepspeed import whole_weights_while_loading
-
         with whole_weights_while_loading(run.args):  # reloaded whole, not into ZeRO-3 partitions
-            native_image_size(out, pre.height, pre.width)
+            loading.native_image_size(out, pre.height, pre.width)
         _write_outputs(out, setup=setup, data=run.data, pre=pre, processor=processor,
                        metrics=metrics, augmentations=describe_augmentations(
                            pre, cfg.apply_augmentations, setup.plan.normalise_on_device))
@@ -525,8 +501,6 @@ def _onnx_export(run: _Run, out: Path, logits, label_ids) -> Path | None:
     """With apply_ort, the ONNX export checked against the PyTorch model's validation logits;
     without, an earlier run's export is removed (it would not match this model)."""
     from visiontune.training.apply_ort import ONNX_SUBDIR, export_and_validate
-    from visiontune.training.deepspeed import autocast_16bit
-
     cfg, args = run.setup.config, run.trainer.args
     if not cfg.apply_ort:
         shutil.rmtree(out / ONNX_SUBDIR, ignore_errors=True)
@@ -541,11 +515,7 @@ def _write_outputs(out: Path, *, setup: Setup, data, pre, processor, metrics: di
                    augmentations: dict[str, Any]) -> None:
     """Everything beside the weights (saved already); ``processor`` None: a timm-wrapper model,
     whose preprocessing lives in its config rather than in a processor file."""
-    from visiontune.model_folder import write_metadata
-
     if processor is None:
-        from visiontune.models.builtin import write_timm_processor_config
-
         write_timm_processor_config(out)
     else:
         processor.save_pretrained(str(out))
@@ -581,7 +551,6 @@ def _write_outputs(out: Path, *, setup: Setup, data, pre, processor, metrics: di
                 fh.write(json.dumps({cfg.image_column: redact(r.image),
                                      cfg.label_column: label}) + "\n")
     (out / EVAL_RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=float), encoding="utf-8")
-    from visiontune.model_card import write_model_card
 
     write_model_card(out, data=data)  # README.md, from the files above
 
@@ -592,8 +561,6 @@ def processor_to_save(model_config, pre):
 
     timm-wrapper models keep their preprocessing in ``config.pretrained_cfg`` (their processor
     saves nothing): that is rewritten instead, before the weights are saved, and None returned."""
-    from visiontune.data.transforms import hf_image_processor, timm_pretrained_cfg
-
     pretrained_cfg = getattr(model_config, "pretrained_cfg", None)
     if getattr(model_config, "model_type", None) == "timm_wrapper" and isinstance(pretrained_cfg, dict):
         model_config.pretrained_cfg = timm_pretrained_cfg(pre, pretrained_cfg)
