@@ -21,9 +21,12 @@ from typing import Any
 import numpy as np
 
 from visiontune.data.columnar import is_embedded
+from visiontune.data.prepare import prepare_test_data
 from visiontune.data.storage import redact
 from visiontune.errors import DataError, UserError
 from visiontune.inference import Classifier, check_threshold, open_model, predicted, score_images
+from visiontune.metrics import MULTILABEL_ONLY, compute_metrics, probabilities, tune_thresholds
+from visiontune.model_folder import read_metadata, write_metadata
 from visiontune.outputs import check_folder
 from visiontune.tasks import MULTILABEL
 
@@ -99,8 +102,6 @@ def evaluate(cfg) -> tuple[dict[str, Any], Classifier]:
 
     tuning = None
     if tune != "none":
-        from visiontune.metrics import probabilities, tune_thresholds
-
         metric = cfg.threshold_metric
         if cfg.tuning_data:
             tuning_records, _ = read_labelled(cfg.tuning_data, "tuning data", classifier, cfg)
@@ -131,8 +132,6 @@ def evaluate(cfg) -> tuple[dict[str, Any], Classifier]:
 # ---------------------------------------------------------------------------------------------
 def read_labelled(source, name: str, classifier: Classifier, cfg):
     """(usable Records, number of bad rows skipped) against the model's classes."""
-    from visiontune.data.prepare import prepare_test_data
-
     return prepare_test_data(
         source, task=classifier.task, classes=classifier.classes,
         image_column=cfg.image_column, label_column=cfg.label_column,
@@ -165,8 +164,6 @@ def _score(classifier: Classifier, records, batch_size: int, desc: str) -> np.nd
 def store_threshold(classifier: Classifier, threshold: float | np.ndarray) -> str:
     """Save the threshold(s) in the model's metadata (for an MLflow model folder, the copy
     inside ``artifacts/model``, which serving loads) and use them from now on."""
-    from visiontune.model_folder import read_metadata, write_metadata
-
     value: float | list[float]
     value = ([float(t) for t in threshold] if np.ndim(threshold) else float(threshold))
     meta = read_metadata(classifier.model_dir)
@@ -191,8 +188,6 @@ def write_report(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every report file; returns what ``metrics.json`` holds."""
-    from visiontune.metrics import compute_metrics, probabilities
-
     task, classes = classifier.task, classifier.classes
     multilabel = task == MULTILABEL
     result = compute_metrics(logits, targets, task, threshold=classifier.threshold,
@@ -266,8 +261,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _print_summary(report: dict[str, Any], out) -> None:
-    from visiontune.metrics import MULTILABEL_ONLY
-
     names = ["accuracy", "f1_score_macro", "precision_score_macro", "recall_score_macro"]
     if report["task"] == MULTILABEL:
         names += sorted(MULTILABEL_ONLY)

@@ -20,8 +20,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from visiontune.config import EvaluateConfig, FinetuneConfig, PipelineConfig, config_from
+from visiontune.data.prepare import prepare_test_data
 from visiontune.errors import UserError
+from visiontune.evaluation import check_report_folder, evaluate
+from visiontune.model_card import CARD_FILE, write_model_card
+from visiontune.models.importer import import_model
 from visiontune.training import distributed
+from visiontune.training.finetune import (
+    VALIDATION_SPLIT_FILE, check_finetune_inputs, finetune, read_data,
+)
 
 log = logging.getLogger("visiontune.pipeline")
 
@@ -50,13 +57,6 @@ def run_pipeline(cfg: PipelineConfig, *, callbacks: Iterable[Any] = (),
 
 
 def _run_pipeline(cfg: PipelineConfig, callbacks: Iterable[Any], show: Callable[[str], None]) -> PipelineResult:
-    from visiontune.data.prepare import prepare_test_data
-    from visiontune.evaluation import evaluate
-    from visiontune.models.importer import import_model
-    from visiontune.training.finetune import (
-        VALIDATION_SPLIT_FILE, check_finetune_inputs, finetune, read_data,
-    )
-
     def step(text: str) -> None:
         if distributed.is_main_process():
             show(text)
@@ -70,8 +70,6 @@ def _run_pipeline(cfg: PipelineConfig, callbacks: Iterable[Any], show: Callable[
     check_finetune_inputs(config_from(FinetuneConfig, cfg, "not imported yet", model_path=None),
                           model_name=cfg.model_name)
     if distributed.is_main_process() and cfg.output_dir_evaluation:
-        from visiontune.evaluation import check_report_folder
-
         check_report_folder(evaluation_dir, "output_dir_evaluation")
 
     # 2. Data, before any model is imported.
@@ -110,8 +108,6 @@ def _run_pipeline(cfg: PipelineConfig, callbacks: Iterable[Any], show: Callable[
 def _add_test_metrics(result, report: dict[str, Any]) -> None:
     """The test metrics into the model card of the PyTorch folder, and of the MLflow model
     when it has one."""
-    from visiontune.model_card import CARD_FILE, write_model_card
-
     write_model_card(result.output_dir_pytorch, test=report)
     mlflow_dir = result.output_dir_mlflow
     if mlflow_dir and (Path(mlflow_dir) / CARD_FILE).is_file():

@@ -19,8 +19,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from visiontune.data.columnar import is_embedded
+from visiontune.data.files import JSON_LINES_SUFFIXES, MLTABLE_FILE
+from visiontune.data.sources import (
+    IMAGE_SUFFIXES, resolve_image, source_path, table_rows, table_spec,
+)
+from visiontune.data.storage import redact
 from visiontune.errors import DataError, UserError
 from visiontune.inference import Classifier, open_model, predicted, score_images
+from visiontune.metrics import probabilities
 from visiontune.outputs import check_file_target
 from visiontune.tasks import MULTILABEL
 
@@ -42,9 +49,6 @@ class Item:
 
 def list_images(source: str | Path, image_column: str = "image_url") -> list[Item]:
     """The images of every supported ``--data`` form, in a stable order."""
-    from visiontune.data.mltable import JSON_LINES_SUFFIXES
-    from visiontune.data.sources import IMAGE_SUFFIXES, source_path, table_spec
-
     path = source_path(source)
     if not (path.is_file() or path.is_dir()):  # a named pipe would block the read forever
         raise DataError(f"--data {source}: not a regular file or a folder" if path.exists()
@@ -86,9 +90,6 @@ def _has_header(path: Path, image_column: str) -> bool:
 
 
 def _listed_images(path: Path) -> list[Item]:
-    from visiontune.data.sources import resolve_image
-    from visiontune.data.storage import redact
-
     items = []
     text = path.read_text(encoding="utf-8-sig")
     for number, line in enumerate(text.splitlines(), start=1):
@@ -107,11 +108,6 @@ def _listed_images(path: Path) -> list[Item]:
 def _table_images(spec, image_column: str) -> list[Item]:
     """The image column of every row, labels or not. The row readers are the data layer's;
     only the column handling differs from training, which needs a label on every row."""
-    from visiontune.data.columnar import is_embedded
-    from visiontune.data.storage import redact
-    from visiontune.data.mltable import MLTABLE_FILE
-    from visiontune.data.sources import resolve_image, table_rows
-
     if image_column in spec.drop_columns or (
         spec.keep_columns is not None and image_column not in spec.keep_columns
     ):
@@ -186,7 +182,6 @@ def predict(cfg) -> PredictionResult:
     readable = [i for i, item in enumerate(items) if item.uri is not None]
     logits, read_errors = score_images(classifier, [items[i].uri for i in readable],
                                        cfg.batch_size, desc="predict")
-    from visiontune.metrics import probabilities
 
     probs = np.full((len(items), len(classifier.classes)), np.nan)
     probs[readable] = probabilities(logits, classifier.task)
