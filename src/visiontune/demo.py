@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from visiontune.errors import UserError
+from visiontune.outputs import check_folder
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +173,6 @@ def write_demo_data(output_dir, seed: int = 0) -> dict[str, Path]:
     complete dataset of the same format and seed already there is reused.
     """
     from sklearn.datasets import load_digits
-
-    from visiontune.outputs import check_folder
 
     out = check_folder(Path(output_dir).expanduser().resolve(), "output_dir", create=False)
     bunch = load_digits()

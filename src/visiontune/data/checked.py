@@ -19,6 +19,7 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 from visiontune.data.files import cache_dir
+from visiontune.data.mltable import is_remote, local_path
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,6 @@ Result = tuple[int, int] | str
 def stamp(uri: str) -> Stamp | None:
     """The identity of a local image file as a check saw it; None for remote images and files
     that cannot be read (the check reports those)."""
-    from visiontune.data.mltable import is_remote, local_path
-
     if is_remote(uri):
         return None
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from visiontune.data.files import cache_dir
+from visiontune.data.labels import parse_text_label
 from visiontune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -353,8 +354,6 @@ def shard_rows(file: Path, display: str, task: str | None, image_column: str,
                label_column: str | None) -> Rows:
     """Samples of one tar shard, in order; the tar is read once, front to back. Text labels
     read as in CSV cells (``cat``, ``3``; multi-label ``cat,dog`` or a JSON list)."""
-    from visiontune.data.labels import parse_text_label
-
     embedded = Embedded(file)
 
     def sample(key: str, members: dict[str, bytes]) -> tuple[str, dict[str, Any] | str]:

@@ -18,7 +18,7 @@ from visiontune import settings
 from visiontune.data import checked
 from visiontune.data.cache import cpu_cores
 from visiontune.data.images import verify_image
-from visiontune.data.labels import build_classes, check_task
+from visiontune.data.labels import build_classes, check_task, sort_classes
 from visiontune.data.sources import Problem, Record, load_records
 from visiontune.data.split import stratified_split
 from visiontune.errors import DataError
@@ -218,8 +218,6 @@ def prepare_test_data(
     """Labelled data for evaluation against a model's ``classes``: (usable Records, bad rows
     skipped). Bad rows follow training's rules; a label the model does not know is an error
     of the data as a whole (the model cannot be scored on it), not a row to skip."""
-    from visiontune.data.labels import sort_classes
-
     check_task(task)
     records, problems = _read(source, name, task, image_column, label_column)
     labels = {lab for r in records for lab in (r.label if isinstance(r.label, tuple) else (r.label,))}

@@ -12,6 +12,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from visiontune.data.images import hwc_tensor
+from visiontune.errors import UserError
+from visiontune.metrics import probabilities
 from visiontune.model_folder import read_metadata
 from visiontune.tasks import MULTILABEL, TASKS, task_of
 
@@ -37,8 +40,6 @@ def resolve_model_dir(model_dir: str | Path) -> Path:
 def model_folder(model: str | Path) -> Path:
     """The Hugging Face folder of the ``--model`` input (a finetune PyTorch output folder, or an
     MLflow model folder); one-line UserErrors for anything else."""
-    from visiontune.errors import UserError
-
     path = Path(str(model)).expanduser()
     if not path.exists():
         raise UserError(f"--model: folder not found: {model}")
@@ -86,8 +87,6 @@ class ClassifierBase:
         try:
             self.threshold = check_threshold(threshold, len(classes))
         except ValueError as exc:
-            from visiontune.errors import UserError
-
             raise UserError(f"--model: {model_dir}: the saved {exc}") from None
         self.transform = eval_transform(preprocessing)
 
@@ -98,8 +97,6 @@ class ClassifierBase:
     def preprocess(self, image):
         """One PIL image -> its normalised CHW tensor, by the saved evaluation transform.
         Thread-safe, so callers may preprocess the next batch while the model runs."""
-        from visiontune.data.images import hwc_tensor
-
         return self.transform(hwc_tensor(image))
 
     def tensors(self, images: Sequence[Any]):
@@ -117,8 +114,6 @@ class ClassifierBase:
         return np.concatenate(out).astype(np.float32, copy=False)
 
     def probabilities(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
-        from visiontune.metrics import probabilities
-
         return probabilities(self.logits(images, batch_size), self.task)
 
     def describe(self, probs: np.ndarray) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from visiontune.data.images import load_image
 from visiontune.errors import DataError, UserError
 from visiontune.inference.classifier import Classifier, ClassifierBase, model_folder
 from visiontune.inference.onnx_runtime import find_export, onnxruntime_available, open_onnx_classifier
@@ -87,8 +88,6 @@ class Progress:
 def _preprocessed(classifier: ClassifierBase, uri: str):
     """Read, decode and preprocess one image (in a loading thread: Pillow and torch release
     the GIL); (tensor, None), or (None, why) when the image cannot be used."""
-    from visiontune.data.images import load_image
-
     try:
         return classifier.preprocess(load_image(uri)), None
     except (DataError, OSError, ValueError) as exc:

@@ -41,14 +41,18 @@ from typing import Any
 import mlflow.pyfunc
 import pandas as pd
 
+from visiontune.data.images import MAX_PIXELS
+from visiontune.errors import UserError
 from visiontune.inference import Classifier, open_onnx_classifier
 from visiontune.inference.onnx_runtime import EXPORT_METADATA_FILE, ONNX_FILE
+from visiontune.model_card import write_model_card
 from visiontune.model_folder import METADATA_FILE, read_metadata
 from visiontune.outputs import MLFLOW_WRITER, check_folder, is_visiontune_mlflow_model, staged
 from visiontune.serving.payload import (
     DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS_PER_REQUEST, PayloadError,
     decode_payload_bytes, payload_bytes, payload_pixels,
 )
+from visiontune.tasks import MULTILABEL
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +102,6 @@ class ServingConfig:
             value = getattr(config, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        from visiontune.data.images import MAX_PIXELS
 
         if config.max_image_pixels > MAX_PIXELS:
             raise ValueError(f"max_image_pixels must be at most {MAX_PIXELS:,} (the decompression-"
@@ -214,6 +217,7 @@ def _answer_bad_requests_with_400() -> None:
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import BAD_REQUEST
         from mlflow.pyfunc import scoring_server
+
     except ImportError:
         return
 
@@ -274,8 +278,6 @@ def _requirements(names) -> list[str]:
 
 
 def _stage_onnx(onnx_dir: Path, target: Path) -> None:
-    from visiontune.errors import UserError
-
     meta_path = onnx_dir / EXPORT_METADATA_FILE
     if not meta_path.is_file():
         raise UserError(f"{onnx_dir} is not an ONNX export of visiontune (no {EXPORT_METADATA_FILE})")
@@ -309,8 +311,6 @@ def _signature(task: str | None):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Array
-
-    from visiontune.tasks import MULTILABEL
 
     predicted = (ColSpec(Array(DataType.string), "predicted_labels") if task == MULTILABEL
                  else ColSpec(DataType.string, "predicted_label"))
@@ -349,7 +349,6 @@ def save_mlflow_model(model_dir: str | Path, output_dir: str | Path, *,
     ``onnx_dir``: an ``export_onnx`` folder of the same model; the pyfunc then scores with ONNX
     Runtime. The other keywords are the ServingConfig stored with the model."""
     import visiontune
-    from visiontune.model_card import write_model_card
 
     config = ServingConfig.from_dict({
         "max_image_bytes": max_image_bytes, "max_images_per_request": max_images_per_request,

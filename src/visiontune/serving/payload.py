@@ -10,6 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from visiontune.data.images import (
+    ImageTooLarge, MAX_PIXELS, decode_image, download, read_local_file, refuse_bombs,
+)
+from visiontune.data.mltable import local_path
 from visiontune.errors import DataError
 
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
@@ -43,8 +47,6 @@ def _looks_like_path(text: str) -> bool:
 def _fetch_url(url: str, max_bytes: int) -> bytes:
     """Download into memory (never to disk), reading at most ``max_bytes`` + 1 bytes; each
     network operation times out, and so does the whole download."""
-    from visiontune.data.images import ImageTooLarge, download
-
     try:
         return download(url, max_bytes, timeout=URL_TIMEOUT_S, deadline_s=URL_DEADLINE_S)
     except ImageTooLarge as exc:
@@ -56,9 +58,6 @@ def _fetch_url(url: str, max_bytes: int) -> bytes:
 def _read_path(text: str, max_bytes: int) -> bytes:
     """A server-local regular file (never a named pipe or device: they could block or never
     end), at most ``max_bytes``."""
-    from visiontune.data.images import ImageTooLarge, read_local_file
-    from visiontune.data.mltable import local_path
-
     try:
         return read_local_file(local_path(text, Path.cwd()), max_bytes)
     except ImageTooLarge as exc:
@@ -132,8 +131,6 @@ def payload_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> i
 
     from PIL import Image
 
-    from visiontune.data.images import MAX_PIXELS, refuse_bombs
-
     refuse_bombs()  # Pillow's own check on opening then raises instead of warning
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -152,8 +149,6 @@ def payload_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> i
 def decode_payload_bytes(data: bytes):
     """Encoded image bytes of a request as an 8-bit RGB PIL image, decoded like training and
     evaluation decode files (EXIF orientation, modes, bomb check)."""
-    from visiontune.data.images import decode_image
-
     try:
         return decode_image(data, where="image")
     except DataError as exc:
