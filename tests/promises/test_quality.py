@@ -9,7 +9,7 @@ import yaml
 
 from visiontune.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (tests/promises/ is two below)
 
 
 def _run_example(name, demo_dir, tmp_path):
