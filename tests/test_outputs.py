@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -45,7 +44,6 @@ def test_an_mlflow_folder_holding_the_users_files_is_refused_and_kept(capsys, ti
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    started = time.monotonic()
     code, seen = _finetune(capsys, tiny_vit, tiny_data, tmp_path / "out",
                            "--save_as_mlflow_model", "true", "--output_dir_mlflow", str(mine))
     assert code == 2

@@ -794,10 +794,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case, shared, tmp_path, monkey
     shared_before = {str(f): _tree(f) for f in shared.folders()}
     capsys.readouterr()
 
-    started = time.monotonic()
     code = run_cli(argv)
     seen = capsys.readouterr()
-    seconds = time.monotonic() - started
 
     context = f"{' '.join(argv)}\n--- stderr:\n{seen.err[-3000:]}\n--- stdout:\n{seen.out[-1500:]}"
     assert not (isinstance(code, str) and code.startswith("Traceback")), f"{code}\n{context}"
