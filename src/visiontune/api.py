@@ -52,7 +52,7 @@ def prepare_process(cfg, *, loads_torch: bool = True) -> None:
     """What a command's config sets for the whole process, CLI and API alike: the per-image
     byte limit (commands that read images), and triton left out on a machine without a GPU."""
     if hasattr(cfg, "max_image_mb"):
-        from visiontune.data.images import set_max_file_bytes
+        from visiontune.data.files import set_max_file_bytes
 
         set_max_file_bytes(cfg.max_image_mb << 20)
     if loads_torch:

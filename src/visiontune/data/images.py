@@ -36,9 +36,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from visiontune.data import storage
 from visiontune.console import AZURE_LIBRARIES, silenced
-from visiontune.data.files import (  # noqa: F401 (also read from here)
-    DEFAULT_MAX_FILE_MB, ImageTooLarge, cache_dir, max_file_bytes, read_at_most, set_max_file_bytes,
-)
+from visiontune.data.files import ImageTooLarge, cache_dir, max_file_bytes, read_at_most
 from visiontune.data.mltable import local_path
 from visiontune.errors import DataError
 

@@ -38,9 +38,7 @@ from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 from visiontune.data import storage
-from visiontune.data.files import (  # noqa: F401 (also read from here)
-    DELIMITED_SUFFIXES, FORMAT_SUFFIXES, JSON_LINES_SUFFIXES, MLTABLE_FILE, PARQUET_SUFFIXES,
-)
+from visiontune.data.files import FORMAT_SUFFIXES, MLTABLE_FILE
 from visiontune.errors import DataError
 
 log = logging.getLogger(__name__)
