@@ -110,10 +110,11 @@ def _azure_import_output(root: Path, model_folder: Path, key: str = "pytorch_mod
 
 
 def test_finetune_reads_azure_s_import_output(tiny_vit, demo_dir, tmp_path):
-    from visiontune.training.finetune import check_model_folder, finetune
+    from visiontune.model_folder import ModelFolder
+    from visiontune.training.finetune import finetune
 
     imported = _azure_import_output(tmp_path / "azure_import", tiny_vit)
-    assert check_model_folder(str(imported)) == (imported / "model").resolve()
+    assert ModelFolder.open(imported, "--model_path").path == (imported / "model").resolve()
     train = subset(demo_dir / "digits" / "train", tmp_path / "train.jsonl", 3, per_class=True)
     val = subset(demo_dir / "digits" / "validation", tmp_path / "val.jsonl", 2, per_class=True)
     out = tmp_path / "out"
@@ -127,21 +128,21 @@ def test_finetune_reads_azure_s_import_output(tiny_vit, demo_dir, tmp_path):
 
 def test_finetune_reads_azure_s_import_of_an_mlflow_model(tiny_vit, tmp_path):
     """Azure copies an MLflow model's files flat into the folder mlflow_model_path names."""
-    from visiontune.training.finetune import check_model_folder
+    from visiontune.model_folder import ModelFolder
 
     imported = _azure_import_output(tmp_path / "azure_import", tiny_vit, "mlflow_model_path",
                                     "mlflow_model_folder")
-    assert check_model_folder(str(imported)) == (imported / "mlflow_model_folder").resolve()
+    assert ModelFolder.open(imported, "--model_path").path == (imported / "mlflow_model_folder").resolve()
     # Not flattened: the Hugging Face folder somewhere below.
     nested = tmp_path / "nested"
     nested.mkdir()
     shutil.copytree(tiny_vit, nested / "mlflow" / "data" / "model")
     (nested / "model_selector_args.json").write_text(json.dumps({"mlflow_model_path": "mlflow"}))
-    assert check_model_folder(str(nested)) == (nested / "mlflow" / "data" / "model").resolve()
+    assert ModelFolder.open(nested, "--model_path").path == (nested / "mlflow" / "data" / "model").resolve()
 
 
 def test_an_import_output_without_model_files_says_what_to_do(tmp_path):
-    from visiontune.training.finetune import check_model_folder
+    from visiontune.model_folder import ModelFolder
 
     hub_only = tmp_path / "hub_only"
     hub_only.mkdir()
@@ -150,13 +151,13 @@ def test_an_import_output_without_model_files_says_what_to_do(tmp_path):
          "mlflow_model_path": None}))
     with pytest.raises(UserError, match="names the model 'google/vit-base-patch16-224' but holds "
                                         "no model files"):
-        check_model_folder(str(hub_only))
+        ModelFolder.open(hub_only, "--model_path")
     (hub_only / "model_selector_args.json").write_text(json.dumps({"pytorch_model_path": "model"}))
     with pytest.raises(UserError, match="holds no config.json there"):
-        check_model_folder(str(hub_only))
+        ModelFolder.open(hub_only, "--model_path")
     (hub_only / "model_selector_args.json").write_text(json.dumps({"pytorch_model_path": "../x"}))
     with pytest.raises(UserError, match="points outside"):
-        check_model_folder(str(hub_only))
+        ModelFolder.open(hub_only, "--model_path")
 
 
 def _azure_finetune_model_path(model_path: Path) -> str:

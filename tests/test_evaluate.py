@@ -49,11 +49,11 @@ def make_model(path, task, train_jsonl=None, bias_shift=0.0):
     """A "fine-tuned" output folder: tiny ViT + model_selector_args.json. With ``train_jsonl``
     the head is fitted to those images; ``bias_shift`` is added to every logit afterwards."""
     from tests.tiny_models import save_tiny_model
-    from visiontune.model_folder import write_metadata
+    from visiontune.model_folder import ModelFolder
 
     path = Path(path)
     save_tiny_model("vit", path, num_labels=len(CLASSES), image_size=32, labels=CLASSES)
-    write_metadata(path, {
+    ModelFolder(path).write_metadata({
         "model_metadata": {"finetuning_task": task, "is_finetuned_model": True,
                            "id2label": {str(i): c for i, c in enumerate(CLASSES)}},
         "preprocessing": PREPROCESSING,

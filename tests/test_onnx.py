@@ -17,7 +17,7 @@ from visiontune.cli import main  # noqa: E402
 from visiontune.errors import UserError  # noqa: E402
 from visiontune.inference import Classifier, OnnxClassifier  # noqa: E402
 from visiontune.inference.onnx_runtime import EXPORT_METADATA_FILE, ONNX_FILE  # noqa: E402
-from visiontune.model_folder import write_metadata  # noqa: E402
+from visiontune.model_folder import ModelFolder  # noqa: E402
 from visiontune.onnx_export import EXAMPLE_BATCH, export_onnx  # noqa: E402
 from visiontune.tasks import MULTICLASS, MULTILABEL  # noqa: E402
 
@@ -30,7 +30,7 @@ THRESHOLDS = {MULTICLASS: None, MULTILABEL: [0.3, 0.5, 0.7]}
 def finetuned(kind: str, task: str, path):
     """A tiny model folder that looks like the output of visiontune finetune."""
     save_tiny_model(kind, path, num_labels=len(LABELS), image_size=32, labels=LABELS)
-    write_metadata(path, {
+    ModelFolder(path).write_metadata({
         "model_metadata": {"finetuning_task": task, "id2label": dict(enumerate(LABELS)),
                            "is_finetuned_model": True},
         "preprocessing": PREPROCESSING,

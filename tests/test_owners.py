@@ -6,6 +6,7 @@ apply_ort step ``visiontune.training.apply_ort``'s. No module imports itself bac
 
 import ast
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -74,18 +75,18 @@ def test_the_model_folders_record_is_named_in_one_module():
 
 
 def test_the_record_reads_as_empty_when_absent_and_refuses_what_is_not_an_object(tmp_path):
-    from visiontune.model_folder import METADATA_FILE, read_metadata, write_metadata
+    from visiontune.model_folder import METADATA_FILE, ModelFolder
 
-    assert read_metadata(tmp_path) == {}
-    write_metadata(tmp_path, {"multilabel_threshold": 0.4})
-    assert read_metadata(tmp_path) == {"multilabel_threshold": 0.4}
+    assert ModelFolder(tmp_path).metadata() == {}
+    ModelFolder(tmp_path).write_metadata({"multilabel_threshold": 0.4})
+    assert ModelFolder(tmp_path).metadata() == {"multilabel_threshold": 0.4}
     assert sorted(p.name for p in tmp_path.iterdir()) == [METADATA_FILE]  # no temporary left
     (tmp_path / METADATA_FILE).write_text("[1, 2]")
     with pytest.raises(UserError, match="must hold a JSON object"):
-        read_metadata(tmp_path)
+        ModelFolder(tmp_path).metadata()
     (tmp_path / METADATA_FILE).write_text("{broken")
     with pytest.raises(UserError, match="is not valid JSON"):
-        read_metadata(tmp_path)
+        ModelFolder(tmp_path).metadata()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,3 +213,32 @@ def test_each_module_that_uses_a_model_loads_first_in_a_fresh_interpreter():
     seen = {name: run.communicate(timeout=300)[0] for name, run in runs.items()}
     failed = {name: seen[name][-1500:] for name, run in runs.items() if run.returncode}
     assert not failed, failed
+
+
+def test_a_model_folder_opens_from_each_layout_a_user_may_pass(tiny_vit, tmp_path):
+    from visiontune.model_folder import MLFLOW_MODEL_SUBDIR, MLMODEL_FILE, ModelFolder
+
+    assert ModelFolder.open(tiny_vit, "--model").path == tiny_vit
+    mlflow = tmp_path / "mlflow"
+    shutil.copytree(tiny_vit, mlflow / MLFLOW_MODEL_SUBDIR)
+    (mlflow / MLMODEL_FILE).write_text("flavors: {}\n")
+    assert ModelFolder.open(mlflow, "--model").path == mlflow / MLFLOW_MODEL_SUBDIR
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for given, said in [(tmp_path / "missing", "--model: folder not found"),
+                        (mlflow / MLMODEL_FILE, "is a file; expected a model folder"),
+                        (empty, "--model: no model in .*not a model folder .*; pass X")]:
+        with pytest.raises(UserError, match=said):
+            ModelFolder.open(given, "--model", "pass X")
+    shutil.rmtree(mlflow / MLFLOW_MODEL_SUBDIR)
+    with pytest.raises(UserError, match="--model: .* is an MLflow model folder, but .* holds no model"):
+        ModelFolder.open(mlflow, "--model")
+
+
+def test_a_record_update_keeps_the_other_fields(tmp_path):
+    from visiontune.model_folder import ModelFolder
+
+    folder = ModelFolder(tmp_path)
+    folder.write_metadata({"model_name": "x", "multilabel_threshold": 0.5})
+    folder.update_metadata(multilabel_threshold=[0.2, 0.7])
+    assert folder.metadata() == {"model_name": "x", "multilabel_threshold": [0.2, 0.7]}

@@ -154,7 +154,7 @@ def test_rows_without_an_image_are_error_rows(digits_model, images, tmp_path):
 
 
 def test_multilabel_uses_stored_per_class_thresholds(tmp_path, images):
-    from visiontune.model_folder import write_metadata
+    from visiontune.model_folder import ModelFolder
 
     root, paths = images
     model = make_model(tmp_path / "ml", MULTILABEL)
@@ -164,7 +164,7 @@ def test_multilabel_uses_stored_per_class_thresholds(tmp_path, images):
     thresholds = [float(np.median(probs[:, c])) for c in range(len(CLASSES))]
     meta_path = model / "model_selector_args.json"
     meta = json.loads(meta_path.read_text())
-    write_metadata(model, {**meta, "multilabel_threshold": thresholds})
+    ModelFolder(model).write_metadata({**meta, "multilabel_threshold": thresholds})
 
     assert predict(model=model, data=root, output=tmp_path / "p.jsonl") == 0
     rows = read_jsonl(tmp_path / "p.jsonl")

@@ -26,7 +26,7 @@ from visiontune.data.storage import redact
 from visiontune.errors import DataError, UserError
 from visiontune.inference import Classifier, check_threshold, open_model, predicted, score_images
 from visiontune.metrics import MULTILABEL_ONLY, compute_metrics, probabilities, tune_thresholds
-from visiontune.model_folder import read_metadata, write_metadata
+from visiontune.model_folder import ModelFolder
 from visiontune.outputs import check_folder
 from visiontune.tasks import MULTILABEL
 
@@ -166,9 +166,7 @@ def store_threshold(classifier: Classifier, threshold: float | np.ndarray) -> st
     inside ``artifacts/model``, which serving loads) and use them from now on."""
     value: float | list[float]
     value = ([float(t) for t in threshold] if np.ndim(threshold) else float(threshold))
-    meta = read_metadata(classifier.model_dir)
-    meta["multilabel_threshold"] = value
-    path = write_metadata(classifier.model_dir, meta)
+    path = ModelFolder(classifier.model_dir).update_metadata(multilabel_threshold=value)
     classifier.threshold = check_threshold(value, len(classifier.classes))
     return str(path)
 

@@ -18,9 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from visiontune import __version__
-from visiontune.model_folder import (
-    ARGS_FILE, AUGMENTATIONS_FILE, EVAL_RESULTS_FILE, METADATA_FILE, read_metadata,
-)
+from visiontune.model_folder import ARGS_FILE, AUGMENTATIONS_FILE, EVAL_RESULTS_FILE, ModelFolder
 from visiontune.outputs import write_text_atomic
 from visiontune.tasks import MULTILABEL
 
@@ -81,35 +79,17 @@ def test_summary(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def find_model_files(folder: Path) -> Path:
-    """The folder holding the model's ``model_selector_args.json``: ``folder`` itself, or for
-    an MLflow model the Hugging Face folder inside it."""
-    if (folder / METADATA_FILE).is_file():
-        return folder
-    inner = sorted((p.parent for p in folder.rglob(METADATA_FILE)
-                    if not any(part.startswith("checkpoint-") for part in p.relative_to(folder).parts)),
-                   key=lambda p: (len(p.parts), str(p)))
-    return inner[0] if inner else folder
-
-
 def read_facts(model_dir: str | Path) -> dict[str, Any]:
     """Everything the card shows, from the files finetune wrote in ``model_dir``."""
-    model_dir = Path(model_dir)
-    meta = read_metadata(model_dir)
-    args = _read_json(model_dir / ARGS_FILE) or {}
+    folder = ModelFolder(Path(model_dir))
+    meta = folder.metadata()
+    args = folder.read_json(ARGS_FILE) or {}
     values = args.get("values") or {}
     model_meta = meta.get("model_metadata") or {}
     id2label = model_meta.get("id2label") or {}
-    evaluation = _read_json(model_dir / EVAL_RESULTS_FILE) or {}
-    augmentations = _read_json(model_dir / AUGMENTATIONS_FILE) or {}
-    stored = _read_json(model_dir / FACTS_FILE) or {}
+    evaluation = folder.read_json(EVAL_RESULTS_FILE) or {}
+    augmentations = folder.read_json(AUGMENTATIONS_FILE) or {}
+    stored = folder.read_json(FACTS_FILE) or {}
     return {
         "base_model": model_meta.get("base_model_name") or meta.get("model_name"),
         "task": model_meta.get("finetuning_task") or values.get("task_name"),
@@ -143,14 +123,14 @@ def write_model_card(folder: str | Path, *, model_dir: str | Path | None = None,
     ``location``: where the folder will be read from, for the card's name and load paths
     (default: ``folder``; given when the card is written into a staging folder first)."""
     folder = Path(folder)
-    model_dir = Path(model_dir) if model_dir is not None else find_model_files(folder)
+    model_dir = Path(model_dir) if model_dir is not None else ModelFolder.holding_record(folder).path
     if data is not None or test is not None:
-        stored = {} if data is not None else (_read_json(model_dir / FACTS_FILE) or {})
+        stored = {} if data is not None else (ModelFolder(model_dir).read_json(FACTS_FILE) or {})
         if data is not None:
             stored["data"] = data_summary(data)
         if test is not None:
             stored["test"] = test_summary(test)
-        write_text_atomic(model_dir / FACTS_FILE, json.dumps(stored, indent=2, default=str) + "\n")
+        ModelFolder(model_dir).write_json(FACTS_FILE, stored)
     facts = read_facts(model_dir)
     if mlflow_model is None:
         mlflow_model = (folder / "MLmodel").is_file()
@@ -179,7 +159,7 @@ def _name(folder: Path) -> str:
 def _paths(folder: Path, shown: Path, model_dir: Path, values: dict[str, Any],
            mlflow_model: bool) -> dict:
     if mlflow_model:
-        inside = find_model_files(folder)  # the Hugging Face files the MLflow model carries
+        inside = ModelFolder.holding_record(folder).path  # the Hugging Face files the MLflow model carries
         hf = shown / inside.relative_to(folder) if inside != folder else model_dir
         return {"transformers": str(hf), "mlflow": str(shown), "visiontune": str(shown)}
     mlflow = None

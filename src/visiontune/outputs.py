@@ -48,8 +48,9 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 def write_json_atomic(path: str | Path, data, **dumps) -> Path:
-    """``write_text_atomic`` of ``data`` as indented JSON."""
-    return write_text_atomic(path, json.dumps(data, indent=2, default=str, **dumps) + "\n")
+    """``write_text_atomic`` of ``data`` as indented JSON (values JSON lacks as strings, unless
+    ``default`` says otherwise)."""
+    return write_text_atomic(path, json.dumps(data, **{"indent": 2, "default": str, **dumps}) + "\n")
 
 
 def check_folder(path: str | Path, input_name: str, *, replaceable: Callable[[Path], bool] | None = None,

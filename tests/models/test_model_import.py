@@ -15,7 +15,7 @@ import torch
 
 from tests.tiny_models import KINDS, random_images, save_tiny_model
 from visiontune.errors import UserError
-from visiontune.model_folder import METADATA_FILE, read_metadata, write_metadata
+from visiontune.model_folder import METADATA_FILE, ModelFolder
 from visiontune.models.importer import import_model
 
 MODEL_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", METADATA_FILE}
@@ -76,7 +76,7 @@ def test_builtin_folder_layout(builtin):
     processor = json.loads((builtin / "preprocessor_config.json").read_text())
     assert processor["image_processor_type"] == "TimmWrapperImageProcessor"
     assert processor["pretrained_cfg"] == cfg
-    meta = read_metadata(builtin)
+    meta = ModelFolder(builtin).metadata()
     assert meta["model_name"] == "efficientnet-lite0" and meta["source"] == "builtin"
     assert meta["pytorch_model_path"] == "." and meta["mlflow_model_path"] is None
     assert meta["model_metadata"] == {
@@ -104,7 +104,7 @@ def test_import_local_folder(tiny, tmp_path, kind):
     out = import_model(model_name=str(tiny[kind]), output_dir=tmp_path / "out")
     assert {p.name for p in out.iterdir()} == MODEL_FILES
     torch.testing.assert_close(_logits(out), _logits(tiny[kind]))
-    meta = read_metadata(out)
+    meta = ModelFolder(out).metadata()
     assert meta["source"] == "local_folder" and meta["source_path"] == str(tiny[kind].resolve())
     assert meta["model_metadata"]["is_finetuned_model"] is False
     assert meta["model_metadata"]["base_model_name"] == kind
@@ -130,7 +130,7 @@ def test_import_pytorch_model(tiny, tmp_path, kind):
     out = import_model(pytorch_model=str(src), output_dir=tmp_path / "out")
     assert {p.name for p in out.iterdir()} == MODEL_FILES
     torch.testing.assert_close(_logits(out), _logits(tiny[kind]))
-    meta = read_metadata(out)
+    meta = ModelFolder(out).metadata()
     assert meta["source"] == "pytorch_model" and meta["source_path"] == str(src.resolve())
     assert meta["model_metadata"] == {
         "base_model_name": "ft", "finetuning_task": "image-classification-multilabel",
@@ -143,23 +143,23 @@ def test_continual_finetuning_metadata_is_carried_over(tiny, tmp_path):
     # What a fine-tune of that import writes: the model plus metadata that says so.
     trained = tmp_path / "trained"
     shutil.copytree(first, trained)
-    meta = read_metadata(trained)
+    meta = ModelFolder(trained).metadata()
     meta["model_name"] = "google/vit-base-patch16-224"
     meta["model_metadata"].update(
         base_model_name="google/vit-base-patch16-224", finetuning_task="image-classification",
         is_finetuned_model=True,
     )
-    write_metadata(trained, meta)
+    ModelFolder(trained).write_metadata(meta)
 
     again = import_model(pytorch_model=trained, output_dir=tmp_path / "again",
                          model_name="ignored-because-a-folder-wins")
-    got = read_metadata(again)["model_metadata"]
+    got = ModelFolder(again).metadata()["model_metadata"]
     assert got["base_model_name"] == "google/vit-base-patch16-224"
     assert got["finetuning_task"] == "image-classification" and got["is_finetuned_model"] is True
     assert got["id2label"] == {"0": "class_0", "1": "class_1", "2": "class_2"}
     # And once more from that output: nothing is lost on the way.
     third = import_model(pytorch_model=again, output_dir=tmp_path / "third")
-    assert read_metadata(third)["model_metadata"] == got
+    assert ModelFolder(third).metadata()["model_metadata"] == got
     torch.testing.assert_close(_logits(third), _logits(tiny["vit"]))
 
 
@@ -167,7 +167,7 @@ def test_stale_metadata_does_not_hide_training(tiny, tmp_path):
     """A fine-tune output that copied the import's metadata (is_finetuned_model false)."""
     imported = import_model(model_name=str(tiny["resnet"]), output_dir=tmp_path / "imported")
     trained = _fake_finetune_output(imported, tmp_path / "trained")
-    meta = read_metadata(import_model(pytorch_model=trained, output_dir=tmp_path / "out"))
+    meta = ModelFolder(import_model(pytorch_model=trained, output_dir=tmp_path / "out")).metadata()
     assert meta["model_metadata"]["is_finetuned_model"] is True
 
 
@@ -187,7 +187,7 @@ def test_import_mlflow_model(tiny, tmp_path):
     out = import_model(mlflow_model=root, output_dir=tmp_path / "out")
     assert {p.name for p in out.iterdir()} == MODEL_FILES
     torch.testing.assert_close(_logits(out), _logits(tiny["convnext"]))
-    meta = read_metadata(out)
+    meta = ModelFolder(out).metadata()
     assert meta["source"] == "mlflow_model" and meta["mlflow_model_path"] is None
     assert meta["model_metadata"]["base_model_name"] == "facebook/convnext-tiny-224"
     assert meta["model_metadata"]["finetuning_task"] == "image-classification"
@@ -251,7 +251,7 @@ def test_hub_download(tiny, tmp_path, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     out = import_model(model_name="google/vit-base-patch16-224", output_dir=tmp_path / "out")
-    meta = read_metadata(out)
+    meta = ModelFolder(out).metadata()
     assert calls == ["google/vit-base-patch16-224"]
     assert meta["source"] == "hub" and meta["source_path"] == "google/vit-base-patch16-224"
     assert meta["model_metadata"]["base_model_name"] == "google/vit-base-patch16-224"
@@ -275,17 +275,17 @@ def test_folder_wins_over_model_name(tiny, tmp_path, caplog):
         out = import_model(model_name="efficientnet-lite0", pytorch_model=tiny["resnet"],
                            output_dir=tmp_path / "out")
     assert json.loads((out / "config.json").read_text())["model_type"] == "resnet"
-    assert read_metadata(out)["model_name"] == "efficientnet-lite0"
+    assert ModelFolder(out).metadata()["model_name"] == "efficientnet-lite0"
     assert "--pytorch_model is given" in caplog.text
 
 
 def test_metadata_roundtrip(tmp_path):
-    assert read_metadata(tmp_path) == {}
-    write_metadata(tmp_path, {"model_name": "x", "model_metadata": {"a": 1}})
-    assert read_metadata(tmp_path) == {"model_name": "x", "model_metadata": {"a": 1}}
+    assert ModelFolder(tmp_path).metadata() == {}
+    ModelFolder(tmp_path).write_metadata({"model_name": "x", "model_metadata": {"a": 1}})
+    assert ModelFolder(tmp_path).metadata() == {"model_name": "x", "model_metadata": {"a": 1}}
     (tmp_path / METADATA_FILE).write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
-        read_metadata(tmp_path)
+        ModelFolder(tmp_path).metadata()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,6 +410,6 @@ def test_import_into_a_mount_point_fills_it_in_place(tiny, tmpfs):
     out = tmpfs()
     for kind in ("vit", "resnet"):
         import_model(model_name=str(tiny[kind]), output_dir=out)
-        assert out.is_mount() and read_metadata(out)["model_name"] == str(tiny[kind])
+        assert out.is_mount() and ModelFolder(out).metadata()["model_name"] == str(tiny[kind])
         torch.testing.assert_close(_logits(out), _logits(tiny[kind]), rtol=0, atol=0)
     assert not [p for p in out.iterdir() if p.name.startswith(".")]

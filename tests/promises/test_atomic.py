@@ -14,7 +14,7 @@ import pytest
 
 from tests.tiny_models import save_tiny_model
 from visiontune.inference import ClassifierBase
-from visiontune.model_folder import write_metadata
+from visiontune.model_folder import ModelFolder
 from visiontune.outputs import STAGING_PREFIX, staged
 from visiontune.tasks import MULTICLASS
 
@@ -47,7 +47,7 @@ PREPROCESSING = {"height": 32, "width": 32, "mean": [0.5] * 3, "std": [0.5] * 3,
 
 def finetuned(path: Path, labels=LABELS, seed=0) -> Path:
     save_tiny_model("vit", path, num_labels=len(labels), image_size=32, labels=labels, seed=seed)
-    write_metadata(path, {
+    ModelFolder(path).write_metadata({
         "model_metadata": {"finetuning_task": MULTICLASS, "id2label": dict(enumerate(labels)),
                            "is_finetuned_model": True},
         "preprocessing": PREPROCESSING, "multilabel_threshold": None})
@@ -243,3 +243,37 @@ def test_an_interrupted_import_keeps_the_old_model_or_none(models, tmp_path, mon
         with pytest.raises(Interrupted):
             importer.import_model(pytorch_model=str(b), output_dir=target)
     assert contents(target) == old
+
+
+def test_an_interrupted_fine_tune_save_leaves_no_record_of_the_earlier_model(demo_dir, tiny_vit,
+                                                                             tmp_path, monkeypatch):
+    """The fine-tune output is written in place (it may be a mount point), so its record goes
+    first and comes back last: a save stopped midway leaves no record describing another
+    model's classes and preprocessing."""
+    from tests.helpers import subset
+    from visiontune import finetune
+    from visiontune.model_folder import EVAL_RESULTS_FILE, METADATA_FILE
+
+    train = subset(demo_dir / "digits" / "train", tmp_path / "train.jsonl", 2, per_class=True)
+    out = tmp_path / "out"
+    quick = dict(model_path=str(tiny_vit), task_name=MULTICLASS, training_data=str(train),
+                 validation_data=str(train),
+                 output_dir_pytorch=str(out), save_as_mlflow_model=False, number_of_workers=0,
+                 number_of_epochs=1, image_height=32, image_width=32, training_batch_size=8)
+    finetune(**quick)
+    first = ModelFolder(out).metadata()
+    assert first["model_metadata"]["id2label"] == {str(d): str(d) for d in range(10)}
+    real = ModelFolder.write_json
+
+    def fail_at_the_metrics(folder, name, *args, **kwargs):
+        if name == EVAL_RESULTS_FILE:
+            raise Interrupted
+        return real(folder, name, *args, **kwargs)
+
+    monkeypatch.setattr(ModelFolder, "write_json", fail_at_the_metrics)
+    with pytest.raises(Interrupted):
+        finetune(**{**quick, "learning_rate": 0.01})
+    assert (out / "model.safetensors").is_file() and not (out / METADATA_FILE).exists()
+    monkeypatch.undo()
+    finetune(**quick)
+    assert ModelFolder(out).metadata()["model_metadata"] == first["model_metadata"]

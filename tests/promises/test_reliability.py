@@ -76,10 +76,10 @@ class Shared:
 
 def _finetuned_like(path: Path, task: str) -> Path:
     from tests.tiny_models import save_tiny_model
-    from visiontune.model_folder import write_metadata
+    from visiontune.model_folder import ModelFolder
 
     save_tiny_model("vit", path, image_size=32, labels=DIGITS)
-    write_metadata(path, {
+    ModelFolder(path).write_metadata({
         "model_metadata": {"finetuning_task": task, "is_finetuned_model": True,
                            "id2label": {str(i): c for i, c in enumerate(DIGITS)}},
         "preprocessing": PREPROCESSING, "multilabel_threshold": 0.5 if task == MULTILABEL else None,

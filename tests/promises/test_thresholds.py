@@ -18,7 +18,7 @@ from visiontune.data.images import load_image
 from visiontune.data.transforms import Preprocessing
 from visiontune.inference import Classifier, ClassifierBase
 from visiontune.metrics import compute_metrics, sigmoid, tune_thresholds
-from visiontune.model_folder import write_metadata
+from visiontune.model_folder import ModelFolder
 from visiontune.tasks import MULTILABEL
 
 LABELS = ["a", "b", "c"]
@@ -89,7 +89,7 @@ def multilabel_model(tmp_path_factory):
     meta = {"model_metadata": {"finetuning_task": MULTILABEL, "is_finetuned_model": True,
                                "id2label": dict(enumerate(LABELS))},
             "preprocessing": PREPROCESSING, "multilabel_threshold": 0.5}
-    write_metadata(folder, meta)
+    ModelFolder(folder).write_metadata(meta)
     random_images(1, seed=5)[0].save(root / "image.png")
     image = load_image(str(root / "image.png"))  # as predict and serving decode it
     probs = Classifier(folder).probabilities([image])[0]  # on the device predict uses
@@ -97,7 +97,7 @@ def multilabel_model(tmp_path_factory):
 
 
 def _store(folder: Path, meta: dict, threshold) -> None:
-    write_metadata(folder, {**meta, "multilabel_threshold": [float(t) for t in threshold]})
+    ModelFolder(folder).write_metadata({**meta, "multilabel_threshold": [float(t) for t in threshold]})
 
 
 def test_predict_and_serving_predict_a_label_at_its_stored_threshold(multilabel_model, tmp_path):

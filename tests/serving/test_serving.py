@@ -28,7 +28,7 @@ from PIL import Image
 from tests.helpers import free_port
 from tests.tiny_models import random_images, save_tiny_model
 from visiontune.inference import Classifier
-from visiontune.model_folder import write_metadata
+from visiontune.model_folder import ModelFolder
 from visiontune.serving.mlflow_model import ImageClassifierModel, ServingConfig, save_mlflow_model
 from visiontune.serving.payload import (
     DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS_PER_REQUEST, PayloadError, decode_payload_image,
@@ -45,7 +45,7 @@ READY_TIMEOUT_S = 180  # a hang detector, not a speed check
 
 def finetuned(kind, task, path, threshold=None):
     save_tiny_model(kind, path, num_labels=len(LABELS), image_size=32, labels=LABELS)
-    write_metadata(path, {
+    ModelFolder(path).write_metadata({
         "model_metadata": {"finetuning_task": task, "id2label": dict(enumerate(LABELS)),
                            "is_finetuned_model": True},
         "preprocessing": PREPROCESSING, "multilabel_threshold": threshold,

@@ -11,7 +11,7 @@ Importing this package loads neither torch nor onnxruntime: they load when a mod
 """
 
 from visiontune.inference.classifier import (
-    Classifier, ClassifierBase, check_threshold, model_folder, resolve_model_dir,
+    Classifier, ClassifierBase, check_threshold, model_folder,
 )
 from visiontune.inference.onnx_runtime import (
     OnnxClassifier, find_export, onnxruntime_available, open_onnx_classifier,
@@ -21,5 +21,5 @@ from visiontune.inference.scoring import RUNTIMES, Progress, open_model, predict
 __all__ = [
     "Classifier", "ClassifierBase", "OnnxClassifier", "Progress", "RUNTIMES", "check_threshold",
     "find_export", "model_folder", "onnxruntime_available", "open_model", "open_onnx_classifier",
-    "predicted", "resolve_model_dir", "score_images",
+    "predicted", "score_images",
 ]

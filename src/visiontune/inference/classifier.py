@@ -15,44 +15,16 @@ import numpy as np
 from visiontune.data.images import hwc_tensor
 from visiontune.errors import UserError
 from visiontune.metrics import probabilities
-from visiontune.model_folder import read_metadata
+from visiontune.model_folder import ModelFolder
 from visiontune.tasks import MULTILABEL, TASKS, task_of
 
-MLMODEL_FILE = "MLmodel"
-MLFLOW_MODEL_SUBDIR = Path("artifacts") / "model"
-
-
-def resolve_model_dir(model_dir: str | Path) -> Path:
-    """The Hugging Face model folder of a fine-tuned model: the folder itself, or
-    ``artifacts/model`` of an MLflow model folder (the one holding ``MLmodel``)."""
-    folder = Path(model_dir)
-    if (folder / MLMODEL_FILE).is_file():
-        inner = folder / MLFLOW_MODEL_SUBDIR
-        if not (inner / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{folder} is an MLflow model folder, but {inner} holds no model (config.json); "
-                "it was not written by visiontune"
-            )
-        return inner
-    return folder
+MODEL_EXPECTED = "expected the finetune output_dir_pytorch or output_dir_mlflow folder"
 
 
 def model_folder(model: str | Path) -> Path:
     """The Hugging Face folder of the ``--model`` input (a finetune PyTorch output folder, or an
     MLflow model folder); one-line UserErrors for anything else."""
-    path = Path(str(model)).expanduser()
-    if not path.exists():
-        raise UserError(f"--model: folder not found: {model}")
-    if not path.is_dir():
-        raise UserError(f"--model: {model} is a file; expected a model folder")
-    try:
-        folder = resolve_model_dir(path)
-    except FileNotFoundError as exc:
-        raise UserError(f"--model: {exc}") from None
-    if not (folder / "config.json").is_file():
-        raise UserError(f"--model: no model in {model} (no config.json nor MLmodel); expected the "
-                        "finetune output_dir_pytorch or output_dir_mlflow folder")
-    return folder
+    return ModelFolder.open(model, "--model", MODEL_EXPECTED).path
 
 
 def check_threshold(value: Any, num_classes: int) -> np.ndarray:
@@ -142,8 +114,9 @@ class Classifier(ClassifierBase):
 
         from visiontune.data.transforms import Preprocessing, resolve_preprocessing
 
-        folder = resolve_model_dir(model_dir)
-        meta = read_metadata(folder)
+        folder = ModelFolder.within(model_dir) or ModelFolder(Path(model_dir))
+        meta = folder.metadata()
+        folder = folder.path
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         from visiontune.models.loading import (
             accept_any_image_size, load_float32_classifier, prefer_channels_last,

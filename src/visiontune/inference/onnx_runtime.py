@@ -19,7 +19,7 @@ import numpy as np
 
 from visiontune.errors import UserError
 from visiontune.inference.classifier import ClassifierBase, check_threshold
-from visiontune.model_folder import read_metadata
+from visiontune.model_folder import ModelFolder
 
 ONNX_FILE = "model.onnx"
 EXPORT_METADATA_FILE = "visiontune_onnx.json"
@@ -79,7 +79,7 @@ def open_onnx_classifier(onnx_dir: str | Path, model_dir: str | Path | None = No
     if not model_dir:
         return classifier
     classifier.model_dir = Path(model_dir)  # where evaluate writes tuned thresholds back
-    meta = read_metadata(classifier.model_dir)
+    meta = ModelFolder(classifier.model_dir).metadata()
     if "multilabel_threshold" in meta:
         classifier.threshold = check_threshold(meta["multilabel_threshold"], len(classifier.classes))
     return classifier

@@ -26,7 +26,7 @@ from typing import Any
 
 from visiontune import __version__
 from visiontune.errors import UserError, first_line
-from visiontune.model_folder import METADATA_FILE, read_metadata, write_metadata
+from visiontune.model_folder import METADATA_FILE, ModelFolder
 from visiontune.models.builtin import BUILTIN_MODELS, PROCESSOR_FILE, write_timm_processor_config
 from visiontune.outputs import LOCK_FILE, check_folder, staged
 from visiontune.tasks import PROBLEM_TYPES, task_of
@@ -85,7 +85,7 @@ def _find_model_folder(root: Path, option: str) -> Path:
         if not _is_model_config(root / CONFIG_FILE):
             raise UserError(f"{option}: {root / CONFIG_FILE} is not a Hugging Face model config")
         return root
-    sub = read_metadata(root).get("pytorch_model_path")
+    sub = ModelFolder(root).metadata().get("pytorch_model_path")
     if isinstance(sub, str) and sub not in ("", ".") and (root / sub / CONFIG_FILE).is_file():
         return root / sub
     found = _shallowest_first((p.parent for p in root.rglob(CONFIG_FILE) if _is_model_config(p)), root)
@@ -349,7 +349,7 @@ def _source_metadata(root: Path, model_dir: Path) -> dict:
     """What an earlier import, fine-tune or MLflow model says about itself, flattened."""
     out: dict[str, Any] = {}
     for folder in (root, model_dir):
-        meta = read_metadata(folder)
+        meta = ModelFolder(folder).metadata()
         if meta:
             out.update({k: v for k, v in (meta.get("model_metadata") or {}).items() if v is not None})
             if meta.get("model_name"):
@@ -426,7 +426,7 @@ def import_model(*, model_name: str | None = None, pytorch_model: str | Path | N
                 metadata = _assemble_builtin(model_name.lower(), tmp)
             else:
                 metadata = _assemble(model_name, source, root, model_dir, tmp, option)
-        write_metadata(tmp, metadata)
+        ModelFolder(tmp).write_metadata(metadata)
         for path in tmp.iterdir():  # save_pretrained writes 0600 files; make them readable
             path.chmod(0o644)
     log.info("imported %s (%s) into %s", metadata["model_name"], source, output_dir)

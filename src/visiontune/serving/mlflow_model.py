@@ -46,7 +46,7 @@ from visiontune.errors import UserError
 from visiontune.inference import Classifier, open_onnx_classifier
 from visiontune.inference.onnx_runtime import EXPORT_METADATA_FILE, ONNX_FILE
 from visiontune.model_card import write_model_card
-from visiontune.model_folder import METADATA_FILE, read_metadata
+from visiontune.model_folder import CONFIG_FILE, METADATA_FILE, ModelFolder
 from visiontune.outputs import MLFLOW_WRITER, check_folder, is_visiontune_mlflow_model, staged
 from visiontune.serving.payload import (
     DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_PIXELS_PER_REQUEST, PayloadError,
@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 _REQUIREMENTS = ("torch", "torchvision", "transformers", "timm", "safetensors", "pillow", "numpy",
                  "pandas", "mlflow")
 _ONNX_REQUIREMENTS = ("onnxruntime",)  # preprocessing still runs on torch/torchvision
-MODEL_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", METADATA_FILE)
+MODEL_FILES = (CONFIG_FILE, "model.safetensors", "preprocessor_config.json", METADATA_FILE)
 IMAGE_COLUMN = "image"
 DEFAULT_MAX_IMAGES = 256
 ERRORS_SHOWN = 5
@@ -356,7 +356,7 @@ def save_mlflow_model(model_dir: str | Path, output_dir: str | Path, *,
         "allow_urls": allow_urls, "allow_local_paths": allow_local_paths, "batch_size": batch_size,
     })
     model_dir, output_dir = Path(model_dir), Path(output_dir)
-    meta = read_metadata(model_dir)
+    meta = ModelFolder(model_dir).metadata()
     task = meta.get("model_metadata", {}).get("finetuning_task")
     # Never a folder visiontune did not write; the folder itself is kept (it may be a mount
     # point) and filled in place, MLmodel last.

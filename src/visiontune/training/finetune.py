@@ -39,12 +39,10 @@ from visiontune.data.transforms import (
 from visiontune.errors import UserError
 from visiontune.metrics import compute_metrics
 from visiontune.model_card import write_model_card
-from visiontune.model_folder import (
-    ARGS_FILE, AUGMENTATIONS_FILE, EVAL_RESULTS_FILE, metadata_path, read_metadata, write_metadata,
-)
+from visiontune.model_folder import ARGS_FILE, AUGMENTATIONS_FILE, EVAL_RESULTS_FILE, ModelFolder
 from visiontune.models import loading
 from visiontune.models.builtin import write_timm_processor_config
-from visiontune.outputs import FolderLock, check_folder, is_visiontune_mlflow_model
+from visiontune.outputs import FolderLock, check_folder, is_visiontune_mlflow_model, write_text_atomic
 from visiontune.tasks import MULTILABEL
 from visiontune.training import distributed
 from visiontune.training.arguments import Plan, plan_training
@@ -60,6 +58,8 @@ from visiontune.training.trainer import VisionTrainer, mean_loss, plan_unused_pa
 log = logging.getLogger("visiontune.finetune")
 
 VALIDATION_SPLIT_FILE = "validation_split.jsonl"
+MODEL_PATH_EXPECTED = ("pass the output folder of `visiontune import-model` or a Hugging Face model "
+                       "folder")
 
 
 @dataclass
@@ -78,67 +78,6 @@ def _model_name(model_dir: Path, metadata: dict[str, Any]) -> str | None:
         return json.loads((model_dir / "config.json").read_text()).get("_name_or_path") or None
     except (OSError, ValueError):
         return None
-
-
-def check_model_folder(model_path: str) -> Path:
-    """The folder holding the model's config.json: ``model_path`` itself (visiontune's import
-    output, any Hugging Face folder), or the folder that its ``model_selector_args.json`` names
-    (Azure's import output: ``pytorch_model_path`` or ``mlflow_model_path``, relative to it,
-    e.g. ``"model"``)."""
-    folder = Path(model_path)
-    if not folder.is_dir():
-        raise UserError(f"--model_path: folder not found: {model_path}")
-    if (folder / "config.json").is_file():
-        return folder
-    inner = _selected_model_folder(folder)
-    if inner is not None:
-        return inner
-    raise UserError(
-        f"--model_path: {model_path} is not a model folder (no config.json); pass the output "
-        "folder of `visiontune import-model` or a Hugging Face model folder"
-    )
-
-
-def _selected_model_folder(folder: Path) -> Path | None:
-    """The model folder a model import output's ``model_selector_args.json`` points to; None
-    when there is no such file. An import output without model files (Azure's import of a hub
-    model leaves the download to its finetune) fails with what to do instead."""
-    path = metadata_path(folder)
-    if not path.is_file():
-        return None
-    try:
-        args = read_metadata(folder)
-    except UserError as exc:
-        raise UserError(f"--model_path: {exc}") from None
-    named = []
-    for key in ("pytorch_model_path", "mlflow_model_path"):
-        value = args.get(key)
-        if not isinstance(value, str) or value.strip() in ("", "."):
-            continue
-        inner = (folder / value.strip()).resolve()
-        named.append(f"{key} {value!r}")
-        if not inner.is_relative_to(folder.resolve()):
-            raise UserError(f"--model_path: {path}: {key} {value!r} points outside {folder}")
-        if (inner / "config.json").is_file():
-            return inner
-        # An MLflow model copied whole keeps the Hugging Face files in a subfolder.
-        configs = sorted((p for p in inner.rglob("config.json")
-                          if not any(part.startswith("checkpoint-") for part in p.relative_to(inner).parts)),
-                         key=lambda p: (len(p.parts), str(p)))
-        if configs:
-            return configs[0].parent
-    if named:
-        raise UserError(f"--model_path: {folder} names its model in {path.name} "
-                        f"({', '.join(named)}) but holds no config.json there")
-    name = args.get("model_name")
-    if name:
-        raise UserError(
-            f"--model_path: {folder} is a model import output that names the model {name!r} but "
-            "holds no model files (Azure's import leaves a hub model to be downloaded by its "
-            "finetune); import it with visiontune's model import (model_name "
-            f"{name}) and pass that output"
-        )
-    return None
 
 
 def _device_flags() -> tuple[bool, bool]:
@@ -349,9 +288,9 @@ def finetune(cfg: FinetuneConfig, *, callbacks: Iterable[Any] = (), data=None,
 def check_finetune(cfg: FinetuneConfig) -> Setup:
     """Every input checked, the defaults chain applied and the training planned, before any
     data or model is loaded: a typo fails in a second."""
-    model_dir = check_model_folder(cfg.model_path)
+    model_dir = ModelFolder.open(cfg.model_path, "--model_path", MODEL_PATH_EXPECTED).path
     # Azure's import layout keeps the model in a subfolder and its metadata beside it
-    metadata = read_metadata(model_dir) or read_metadata(cfg.model_path)
+    metadata = ModelFolder(model_dir).metadata() or ModelFolder(Path(cfg.model_path)).metadata()
     base_model = _model_name(model_dir, metadata)
     cfg = apply_defaults(cfg, base_model, model_dir)
     distributed.check_launch_environment()
@@ -480,6 +419,8 @@ def save(run: _Run) -> FinetuneResult:
     out = Path(cfg.output_dir_pytorch)
     # Every rank saves: under ZeRO-3 the weights are gathered from all of them (rank 0 writes).
     processor = processor_to_save(trainer.model.config, pre)
+    if trainer.is_world_process_zero():
+        ModelFolder(out).invalidate()  # an earlier run's record until this run's is written
     trainer.save_model(str(out))
     mlflow_dir = None
     if trainer.is_world_process_zero():
@@ -522,8 +463,19 @@ def _write_outputs(out: Path, *, setup: Setup, data, pre, processor, metrics: di
     cfg, base_model = setup.config, setup.base_model
     values, sources, notes = cfg.as_dict(), setup.sources, setup.plan.notes
     task = cfg.task_name
+    folder = ModelFolder(out)
+    folder.write_json(ARGS_FILE, {"values": values, "sources": sources, "notes": notes})
+    folder.write_json(AUGMENTATIONS_FILE, augmentations)
+    if data.validation_is_split:
+        # The held-out rows, so that evaluation can be repeated on exactly them (URLs without
+        # their query string: a SAS token never lands in an output).
+        write_text_atomic(out / VALIDATION_SPLIT_FILE, "".join(
+            json.dumps({cfg.image_column: redact(r.image),
+                        cfg.label_column: list(r.label) if isinstance(r.label, tuple) else r.label}) + "\n"
+            for r in data.validation))
+    folder.write_json(EVAL_RESULTS_FILE, metrics, default=float)
     parent = setup.metadata.get("model_metadata", {})
-    write_metadata(out, {
+    folder.write_metadata({  # last: the record describes the files written before it
         "model_name": base_model,
         "source": "finetune",
         "source_path": str(Path(cfg.model_path).resolve()),
@@ -538,20 +490,6 @@ def _write_outputs(out: Path, *, setup: Setup, data, pre, processor, metrics: di
         "preprocessing": pre.to_dict(),
         "multilabel_threshold": cfg.multilabel_threshold if task == MULTILABEL else None,
     })
-    (out / ARGS_FILE).write_text(json.dumps(
-        {"values": values, "sources": sources, "notes": notes}, indent=2, default=str), encoding="utf-8")
-    (out / AUGMENTATIONS_FILE).write_text(json.dumps(augmentations, indent=2, default=str),
-                                          encoding="utf-8")
-    if data.validation_is_split:
-        # The held-out rows, so that evaluation can be repeated on exactly them (URLs without
-        # their query string: a SAS token never lands in an output).
-        with (out / VALIDATION_SPLIT_FILE).open("w", encoding="utf-8") as fh:
-            for r in data.validation:
-                label = list(r.label) if isinstance(r.label, tuple) else r.label
-                fh.write(json.dumps({cfg.image_column: redact(r.image),
-                                     cfg.label_column: label}) + "\n")
-    (out / EVAL_RESULTS_FILE).write_text(json.dumps(metrics, indent=2, default=float), encoding="utf-8")
-
     write_model_card(out, data=data)  # README.md, from the files above
 
 
