@@ -4,6 +4,7 @@ resize tolerance for random crops), reuse across datasets, invalidation, switche
 import io
 import math
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -285,6 +286,42 @@ def test_data_loader_workers_read_the_cache(photo_files, tmp_path):
     stacked = torch.cat([b["pixel_values"] for b in batches])
     plain = dataset(photo_files, eval_transform(PRE), False, tmp_path)
     assert torch.equal(stacked, torch.stack([plain[i]["pixel_values"] for i in range(len(plain))]))
+
+
+class ReadOnThreadsOnly(ImageDataset):
+    """Refuses to read an image outside the batch-reading threads."""
+
+    def pixels(self, index):
+        if not threading.current_thread().name.startswith("visiontune-read"):
+            raise RuntimeError(f"item {index} read on {threading.current_thread().name}")
+        return super().pixels(index)
+
+
+@pytest.mark.parametrize("cache", [True, False], ids=["cached", "decoded"])
+def test_a_worker_reads_a_batch_s_images_on_threads_with_the_same_items(photo_files, tmp_path,
+                                                                         cache, monkeypatch):
+    """The images of a batch are read by threads together (a read may wait on the disk); the
+    augmented items are those ``__getitem__`` gives one by one."""
+    transform = train_transform(PRE, augment=True)
+    threaded = ReadOnThreadsOnly(records(photo_files), ["a", "b"], MULTICLASS, transform,
+                                 image_cache=cache, cache_dir=str(tmp_path), seed=7)
+    loader = torch.utils.data.DataLoader(threaded, batch_size=4, num_workers=1)
+    got = torch.cat([b["pixel_values"] for b in loader])
+    plain = ImageDataset(records(photo_files), ["a", "b"], MULTICLASS, transform, image_cache=cache,
+                         cache_dir=str(tmp_path), seed=7)
+    assert torch.equal(got, torch.stack([plain[i]["pixel_values"] for i in range(len(plain))]))
+    monkeypatch.setenv("VISIONTUNE_BATCH_READ_THREADS", "1")  # one after another
+    with pytest.raises(RuntimeError, match="read on MainThread"):
+        next(iter(torch.utils.data.DataLoader(threaded, batch_size=4, num_workers=1)))
+
+
+def test_a_bad_image_read_on_a_thread_still_names_its_row(photo_files, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    files = [*photo_files[:3], bad]
+    ds = dataset(files, eval_transform(PRE), False, tmp_path)
+    with pytest.raises(DataError, match="rows.jsonl:4"):
+        next(iter(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1)))
 
 
 def test_fill_is_safe_with_parallel_writers(photo_files, tmp_path):

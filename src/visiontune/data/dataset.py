@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from visiontune import settings
 from visiontune.data import cache as cache_settings
 from visiontune.data.cache import DecodedImageCache
 from visiontune.data.images import hwc_tensor, load_image
@@ -107,7 +109,9 @@ class ImageDataset(torch.utils.data.Dataset):
             self._epoch.fill_(int(epoch))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        pixels = self.pixels(index)
+        return self._item(index, self.pixels(index))
+
+    def _item(self, index: int, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.seed is None:
             pixel_values = self.transform(pixels)
         else:
@@ -115,6 +119,30 @@ class ImageDataset(torch.utils.data.Dataset):
                 torch.manual_seed(item_seed(self.seed, int(self._epoch), index))
                 pixel_values = self.transform(pixels)
         return {"pixel_values": pixel_values.contiguous(), "labels": self._labels[index]}
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
+        """A batch's items (torch's data loader asks for a batch at once): the same items as
+        ``__getitem__``, with the images read by several threads together. One read waits on
+        the disk when its file is not in the page cache (a large dataset, a network mount),
+        and the threads wait together instead of one after another; transforms then run in
+        order, as ``__getitem__`` runs them."""
+        threads = min(len(indices), int(settings.number("VISIONTUNE_BATCH_READ_THREADS")))
+        if threads <= 1 or torch.utils.data.get_worker_info() is None:  # no threads beside training
+            return [self[i] for i in indices]
+        pixels = list(self._readers(threads).map(self.pixels, indices))
+        return [self._item(index, image) for index, image in zip(indices, pixels)]
+
+    def _readers(self, threads: int) -> ThreadPoolExecutor:
+        """This process's reading threads, started on first use (in a data-loader worker: after
+        the fork, which threads do not survive)."""
+        pool = self.__dict__.get("_pool")
+        if pool is None or pool[0] != os.getpid():
+            pool = self.__dict__["_pool"] = (os.getpid(), ThreadPoolExecutor(
+                threads, thread_name_prefix="visiontune-read"))
+        return pool[1]
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_pool"}
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
