@@ -107,7 +107,7 @@ def evaluate(cfg) -> tuple[dict[str, Any], Classifier]:
             tuning_records, _ = read_labelled(cfg.tuning_data, "tuning data", classifier, cfg)
             tuning_logits = _score(classifier, tuning_records, batch_size, "tuning")
             tuning_targets = encode_targets(tuning_records, classifier)
-            source = str(cfg.tuning_data)
+            source = redact(str(cfg.tuning_data))
         else:
             log.warning(
                 "tuning the threshold(s) on the test data itself: the reported metrics will be "
@@ -122,7 +122,7 @@ def evaluate(cfg) -> tuple[dict[str, Any], Classifier]:
 
     report = write_report(Path(cfg.output_dir), classifier, test, logits, targets,
                           extra={"model": str(cfg.model),
-                                 "test_data": str(cfg.test_data),
+                                 "test_data": redact(str(cfg.test_data)),
                                  "bad_rows_skipped": skipped, "threshold_tuning": tuning})
     return report, classifier
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable
 
 from visiontune.config import EvaluateConfig, FinetuneConfig, PipelineConfig, config_from
 from visiontune.data.prepare import prepare_test_data
+from visiontune.data.storage import redact
 from visiontune.errors import UserError
 from visiontune.evaluation import check_report_folder, evaluate
 from visiontune.model_card import CARD_FILE, write_model_card
@@ -94,7 +95,7 @@ def _run_pipeline(cfg: PipelineConfig, callbacks: Iterable[Any], show: Callable[
     test_data = cfg.test_data or cfg.validation_data or str(out / VALIDATION_SPLIT_FILE)
     report = None
     if distributed.is_main_process():
-        show(f"[4/4] evaluating on {test_data}")
+        show(f"[4/4] evaluating on {redact(test_data)}")
         batch = {"batch_size": cfg.validation_batch_size} if cfg.validation_batch_size else {}
         report, _ = evaluate(config_from(
             EvaluateConfig, cfg, "the pipeline's evaluation step", model=str(result.output_dir_pytorch),

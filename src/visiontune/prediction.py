@@ -51,8 +51,8 @@ def list_images(source: str | Path, image_column: str = "image_url") -> list[Ite
     """The images of every supported ``--data`` form, in a stable order."""
     path = source_path(source)
     if not (path.is_file() or path.is_dir()):  # a named pipe would block the read forever
-        raise DataError(f"--data {source}: not a regular file or a folder" if path.exists()
-                        else f"--data: not found: {source}")
+        raise DataError(f"--data {redact(str(source))}: not a regular file or a folder"
+                        if path.exists() else f"--data: not found: {redact(str(source))}")
     if path.is_file() and path.suffix.lower() == ".txt" and not _has_header(path, image_column):
         return _listed_images(path)
     spec = table_spec(path)
@@ -63,8 +63,8 @@ def list_images(source: str | Path, image_column: str = "image_url") -> list[Ite
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return [Item(str(path.resolve()), str(path.resolve()))]
     raise DataError(
-        f"--data {source}: unknown data format; give an image folder, a .txt file listing image "
-        f"paths, a JSON Lines ({', '.join(JSON_LINES_SUFFIXES)}), CSV (.csv, .tsv) or Parquet "
+        f"--data {redact(str(source))}: unknown data format; give an image folder, a .txt file "
+        f"listing image paths, a JSON Lines ({', '.join(JSON_LINES_SUFFIXES)}), CSV (.csv, .tsv) or Parquet "
         "file, an MLTable folder, a saved Hugging Face dataset or WebDataset .tar shards"
     )
 
@@ -177,7 +177,7 @@ def predict(cfg) -> PredictionResult:
     classifier = open_model(cfg.model, cfg.runtime)
     items = list_images(cfg.data, cfg.image_column)
     if not items:
-        raise DataError(f"--data {cfg.data}: no images found")
+        raise DataError(f"--data {redact(str(cfg.data))}: no images found")
 
     readable = [i for i, item in enumerate(items) if item.uri is not None]
     logits, read_errors = score_images(classifier, [items[i].uri for i in readable],

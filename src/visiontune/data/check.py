@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from visiontune.data.storage import redact
 from visiontune.data.labels import build_classes, check_task
 from visiontune.data.prepare import apply_verification, check_images, in_file_order, size_range
 from visiontune.data.sources import load_records
@@ -28,7 +29,7 @@ def check_data(
     good, bad_images = apply_verification(records, results)
     problems = in_file_order(problems + bad_images)
 
-    lines = [f"data: {source}", f"task: {task}",
+    lines = [f"data: {redact(str(source))}", f"task: {task}",
              f"rows: {rows} read, {len(good)} usable, {len(problems)} bad"]
 
     classes = build_classes(good)

@@ -67,8 +67,9 @@ def read_image_bytes(uri: str, max_bytes: int | None = None) -> bytes:
     ``max_bytes`` (default ``max_file_bytes()``), else DataError."""
     limit = max_file_bytes() if max_bytes is None else int(max_bytes)
     scheme = urlparse(uri).scheme.lower()
-    if scheme in ("http", "https"):
-        return _read_cached(uri, limit, download)
+    if scheme in ("http", "https"):  # below a Blob folder read as data: with its SAS
+        store = storage.folder_sas(uri) is not None
+        return _read_cached(uri, limit, storage.read_object if store else download)
     if storage.is_object_uri(uri):
         return _read_cached(uri, limit, storage.read_object)
     if scheme == "azureml":

@@ -19,8 +19,8 @@ and returns ``None`` without any error for plain relative or absolute paths in a
 ``stream_info`` column (only ``file://`` URIs survive), which would lose rows silently.
 
 Supported: ``paths`` entries ``file``, ``folder`` (every file below it, recursively) and
-``pattern`` (a glob, ``**`` allowed), as relative paths (to the MLTable folder), absolute paths
-or ``file://`` URIs; the transformations ``read_json_lines``, ``read_delimited``,
+``pattern`` (a glob, ``**`` allowed), as relative paths (to the MLTable folder), absolute paths,
+``file://`` URIs or object-store URIs and Azure Blob URLs (``storage.py``); the transformations ``read_json_lines``, ``read_delimited``,
 ``read_parquet`` (see ``columnar.py``), ``convert_column_types`` (``stream_info`` marks image columns; other types are accepted and
 left to our own label parsing), ``take``, ``skip``, ``keep_columns`` and ``drop_columns``.
 Anything else is refused with a message, never ignored silently.
@@ -134,13 +134,14 @@ def _resolve_paths(entries: Any, base_dir: Path, where: str) -> list[tuple[Path,
         if remote and not storage.is_object_uri(value):
             raise DataError(
                 f"{where}: {kind} {storage.redact(value)!r} is remote; visiontune reads annotation "
-                "files from local paths and from s3://, az:// and gs:// (download the data "
-                "first, e.g. with azcopy or the Azure ML studio)"
+                "files from local paths, from s3://, az:// and gs:// and from Azure Blob URLs "
+                "(https://<account>.blob.core.windows.net/...) (download the data first, e.g. "
+                "with azcopy or the Azure ML studio)"
             )
         if remote and kind == "pattern":
             found = storage.mirror_pattern(value)
             if not found:
-                raise DataError(f"{where}: pattern {value!r} matches no files")
+                raise DataError(f"{where}: pattern {storage.redact(value)!r} matches no files")
             files.extend((p, False) for p in found if p.name != MLTABLE_FILE)
             continue
         try:
@@ -149,11 +150,11 @@ def _resolve_paths(entries: Any, base_dir: Path, where: str) -> list[tuple[Path,
             raise DataError(f"{where}: {exc}") from None
         if kind == "file":
             if not path.is_file():
-                raise DataError(f"{where}: file {value!r} not found ({path})")
+                raise DataError(f"{where}: file {storage.redact(value)!r} not found ({path})")
             files.append((path, True))
         elif kind == "folder":
             if not path.is_dir():
-                raise DataError(f"{where}: folder {value!r} not found ({path})")
+                raise DataError(f"{where}: folder {storage.redact(value)!r} not found ({path})")
             files.extend(
                 (p, False) for p in sorted(path.rglob("*"))
                 if p.is_file() and p.name != MLTABLE_FILE
@@ -163,7 +164,7 @@ def _resolve_paths(entries: Any, base_dir: Path, where: str) -> list[tuple[Path,
             found = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
             found = [p for p in found if p.is_file() and p.name != MLTABLE_FILE]
             if not found:
-                raise DataError(f"{where}: pattern {value!r} matches no files")
+                raise DataError(f"{where}: pattern {storage.redact(value)!r} matches no files")
             files.extend((p, False) for p in found)
     # The same file selected twice would double its rows.
     seen: dict[Path, bool] = {}

@@ -19,6 +19,7 @@ from visiontune.data import checked
 from visiontune.data.cache import cpu_cores
 from visiontune.data.images import verify_image
 from visiontune.data.labels import build_classes, check_task, sort_classes
+from visiontune.data.storage import redact
 from visiontune.data.sources import Problem, Record, load_records
 from visiontune.data.split import stratified_split
 from visiontune.errors import DataError
@@ -112,7 +113,7 @@ def _read(
     source, name: str, task: str, image_column: str, label_column: str,
 ) -> tuple[list[Record], list[Problem]]:
     records, problems = load_records(source, task, image_column, label_column)
-    log.info("%s data %s: %d row(s) read", name, source, len(records) + len(problems))
+    log.info("%s data %s: %d row(s) read", name, redact(str(source)), len(records) + len(problems))
     return records, problems
 
 
@@ -151,7 +152,7 @@ def prepare_data(
         good, bad_images = apply_verification(records, results) if verify_images else (records, [])
         kept[name], bad[name] = good, in_file_order(problems + bad_images)
         if bad[name]:
-            summaries.append(summarize_problems(bad[name], rows, f"{name} data {source}"))
+            summaries.append(summarize_problems(bad[name], rows, f"{name} data {redact(str(source))}"))
             if skip_bad_rows:
                 log.warning("%s data: skipped %d of %d rows: %s", name, len(bad[name]), rows,
                             "; ".join(str(p) for p in bad[name][:SHOWN_IN_SUMMARY])
@@ -165,15 +166,15 @@ def prepare_data(
     for name, (source, _, _) in sets.items():
         if not kept[name]:
             detail = f" (all {len(bad[name])} row(s) are bad)" if bad[name] else ""
-            raise DataError(f"{name} data {source} has no usable rows{detail}")
+            raise DataError(f"{name} data {redact(str(source))} has no usable rows{detail}")
 
     train = kept["training"]
     validation = kept.get("validation", [])
     classes = build_classes(train, validation, [str(c) for c in extra_classes])
     if len(classes) < 2:
         found = f"only the class {classes[0]!r}" if classes else "no labels at all"
-        given = f"training data {training_data}" + (f" and validation data {validation_data}"
-                                                     if has_validation else "")
+        given = f"training data {redact(str(training_data))}" + (
+            f" and validation data {redact(str(validation_data))}" if has_validation else "")
         verb = "hold" if has_validation else "holds"
         raise DataError(f"the {given} {verb} {found}; image classification needs at least 2 "
                         "classes (--training_data)")
@@ -225,19 +226,19 @@ def prepare_test_data(
     if unknown:
         shown = ", ".join(unknown[:20]) + (" ..." if len(unknown) > 20 else "")
         known = ", ".join(classes[:30]) + (" ..." if len(classes) > 30 else "")
-        raise DataError(f"{name} {source}: {len(unknown)} label(s) the model does not know: "
+        raise DataError(f"{name} {redact(str(source))}: {len(unknown)} label(s) the model does not know: "
                         f"{shown} (the model's classes: {known})")
     rows = len(records) + len(problems)
     good, bad_images = apply_verification(records, check_images(records))
     bad = in_file_order(problems + bad_images)
     if bad:
-        summary = summarize_problems(bad, rows, f"{name} {source}")
+        summary = summarize_problems(bad, rows, f"{name} {redact(str(source))}")
         if not skip_bad_rows:
             raise DataError(summary + ". Fix these rows, or pass skip_bad_rows true "
                             "(--skip_bad_rows true) to go on without them; `visiontune data check` "
                             "lists them all.")
         log.warning("skipped: %s", summary)
     if not good:
-        raise DataError(f"{name} {source} has no usable rows"
+        raise DataError(f"{name} {redact(str(source))} has no usable rows"
                         + (f" (all {len(bad)} row(s) are bad)" if bad else ""))
     return good, len(bad)

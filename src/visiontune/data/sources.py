@@ -10,11 +10,11 @@ Image references: a path relative to the MLTable folder (or to the annotation fi
 when the file is given directly), an absolute path, a ``file://`` URI, an ``http(s)://`` URL,
 an object-store URI (``s3://``, ``az://``, ``gs://``: ``storage.py``) or an ``azureml://`` URI.
 Local references become absolute paths; URLs are kept as given and fetched later
-(``images.py``). The data itself may be in an object store: it is read from a local copy of its
-annotation files, and relative image paths in it point into the store. An
-``AmlDatastore://<datastore>/<path>`` reference (Azure's data labeling exports, as text or as a
-stream_info object with a ``resourceIdentifier``) names a datastore of the workspace the job
-runs in: it becomes that workspace's ``azureml://`` URI.
+(``images.py``). The data itself may be in an object store (an Azure Blob URL with a SAS too): it
+is read from a local copy of its annotation files, and relative image paths in it point into the
+store. An ``AmlDatastore://<datastore>/<path>`` reference (Azure's data labeling exports, as text
+or as a stream_info object with a ``resourceIdentifier``) names a datastore of the workspace the
+job runs in: it becomes that workspace's ``azureml://`` URI.
 
 A bad row never disappears: it becomes a Problem with its file and 1-based line, and the caller
 decides whether to stop or skip (``prepare.py``). Only a source that cannot be read at all
@@ -81,15 +81,16 @@ def load_records(
     check_task(task)
     path = source_path(source)
     if not (path.is_file() or path.is_dir()):  # a named pipe would block the read forever
-        raise DataError(f"{source}: not a regular file or a folder" if path.exists()
-                        else f"data not found: {source}")
+        shown = storage.redact(str(source))
+        raise DataError(f"{shown}: not a regular file or a folder" if path.exists()
+                        else f"data not found: {shown}")
     spec = table_spec(path)
     if spec is not None:
         return _read_table(spec, task, image_column, label_column)
     if path.is_dir():
         return _read_folder_tree(path, task)
     raise DataError(
-        f"{source}: unknown data format; give an MLTable folder, a JSON Lines file "
+        f"{storage.redact(str(source))}: unknown data format; give an MLTable folder, a JSON Lines file "
         f"({', '.join(JSON_LINES_SUFFIXES)}), a CSV file ({', '.join(DELIMITED_SUFFIXES)}), "
         "a Parquet file, a Hugging Face dataset folder (save_to_disk), WebDataset .tar "
         "shards or a folder with one subfolder of images per class"
@@ -132,13 +133,14 @@ def source_path(source: str | Path) -> Path:
     if not text:
         raise DataError("no data given")
     scheme = urlparse(text).scheme.lower()
-    if scheme in storage.OBJECT_SCHEMES:
+    if storage.is_object_uri(text):
         return storage.mirror(text)
     if len(scheme) > 1 and scheme != "file":
         raise DataError(
             f"{storage.redact(text)}: data must be a local folder or file, or in an object store "
-            f"({', '.join(s + '://' for s in storage.OBJECT_SCHEMES)}); download or mount "
-            f"{scheme}:// data first (image_url values inside the annotations may be URLs)"
+            f"({', '.join(s + '://' for s in storage.OBJECT_SCHEMES)}, or an Azure Blob URL "
+            f"https://<account>.blob.core.windows.net/<container>/<path>[?<SAS>]); download or "
+            f"mount {scheme}:// data first (image_url values inside the annotations may be URLs)"
         )
     try:
         return local_path(text, Path.cwd())

@@ -114,11 +114,17 @@ def _is_main_process() -> bool:
     return distributed.is_main_process()
 
 
+def shown_inputs(cfg: FinetuneConfig) -> dict[str, Any]:
+    """The inputs as the run shows and records them: URLs without their query (a SAS token)."""
+    return {name: redact(value) if isinstance(value, str) else value
+            for name, value in cfg.as_dict().items()}
+
+
 def plan_text(cfg: FinetuneConfig, sources: dict[str, str], notes: list[str]) -> str:
     """The effective inputs, where the ones chosen by defaults came from, and the notes: what
     the run shows before it starts."""
     lines = ["effective inputs (value, and where it came from when chosen by defaults):"]
-    for name, value in cfg.as_dict().items():
+    for name, value in shown_inputs(cfg).items():
         src = sources.get(name)
         lines.append(f"  {name} = {value}" + (f"   [{src}]" if src and src != "user" else ""))
     for note in notes:
@@ -461,7 +467,7 @@ def _write_outputs(out: Path, *, setup: Setup, data, pre, processor, metrics: di
     else:
         processor.save_pretrained(str(out))
     cfg, base_model = setup.config, setup.base_model
-    values, sources, notes = cfg.as_dict(), setup.sources, setup.plan.notes
+    values, sources, notes = shown_inputs(cfg), setup.sources, setup.plan.notes
     task = cfg.task_name
     folder = ModelFolder(out)
     folder.write_json(ARGS_FILE, {"values": values, "sources": sources, "notes": notes})
