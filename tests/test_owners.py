@@ -2,9 +2,11 @@
 read through it; the task names and their check live in ``visiontune.tasks`` alone; a model
 folder's record is named, read and written by ``visiontune.model_folder`` alone; a model ready to
 predict is ``visiontune.inference``'s, a request's images ``visiontune.serving.payload``'s and the
-apply_ort step ``visiontune.training.apply_ort``'s. No module imports itself back."""
+apply_ort step ``visiontune.training.apply_ort``'s. No module imports itself back, and imports
+are at the top of each module but where a named rule allows."""
 
 import ast
+import json
 import re
 import shutil
 import subprocess
@@ -120,6 +122,17 @@ def _modules() -> dict[str, Path]:
     return modules
 
 
+def _load_time_nodes(tree: ast.Module) -> list[ast.AST]:
+    """The nodes of a module that run when it is imported (all but the functions' bodies)."""
+    nodes, pending = [], list(tree.body)
+    while pending:
+        node = pending.pop()
+        nodes.append(node)
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            pending.extend(ast.iter_child_nodes(node))
+    return nodes
+
+
 def _import_graph(lazy: bool) -> dict[str, set[str]]:
     """Module -> the visiontune modules it imports: at load time (statements outside functions),
     or anywhere with ``lazy``. ``from a import b`` names ``a.b`` when that is a
@@ -134,15 +147,7 @@ def _import_graph(lazy: bool) -> dict[str, set[str]]:
     graph = {}
     for name, path in modules.items():
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        if lazy:
-            nodes = list(ast.walk(tree))
-        else:
-            nodes, pending = [], list(tree.body)
-            while pending:
-                node = pending.pop()
-                nodes.append(node)
-                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    pending.extend(ast.iter_child_nodes(node))
+        nodes = list(ast.walk(tree)) if lazy else _load_time_nodes(tree)
         named = set()
         for node in nodes:
             if isinstance(node, ast.Import):
@@ -198,18 +203,126 @@ def test_the_modules_that_use_a_model_import_one_another_without_a_cycle_even_la
     assert _cycle(among) is None, " -> ".join(_cycle(among))
 
 
-def test_each_module_that_uses_a_model_loads_first_in_a_fresh_interpreter():
+# ---------------------------------------------------------------------------------------------
+# Imports at the top of each module (docs/development.md)
+# ---------------------------------------------------------------------------------------------
+# An import inside a function is allowed only where one of these says why.
+# 1. Command boundaries: each command loads its own modules when it runs.
+COMMAND_BOUNDARIES = {
+    "cli.py": "the CLI answers --help and bad input before a command loads torch",
+    "api.py": "the commands as functions load what they run, as the CLI does",
+    "__init__.py": "its lazy __getattr__ keeps `import visiontune` light",
+}
+# 2. Optional extras (pyproject's optional-dependencies; datasets only in the test and bench
+#    extras): imported where they are used, which names what to install when they are missing.
+OPTIONAL_PACKAGES = {"onnx", "onnxruntime", "onnxscript", "deepspeed", "azureml", "azure",
+                     "s3fs", "adlfs", "gcsfs", "datasets"}
+# 3. Light modules: imported where these packages must not load, they load them on use. A
+#    visiontune module deferred there must load one of them itself.
+LIGHT_MODULES = {
+    "console.py": ({"transformers"}, "the CLI sets up its console before any command loads it"),
+    "data/columnar.py": ({"pyarrow"}, "only Parquet and Arrow sources need it, not data check's others"),
+    "data/images.py": ({"fsspec"}, "only azureml:// images need it, not data check or serving"),
+    "data/storage.py": ({"fsspec"}, "only object-storage sources and images need it"),
+    "inference/classifier.py": ({"torch", "transformers"},
+                                "the inference package imports without torch (TORCH_FREE)"),
+    "inference/onnx_runtime.py": ({"torch"}, "the same; its preprocessing runs on torch"),
+    "inference/scoring.py": ({"torch"}, "the same"),
+    "evaluation.py": ({"sklearn", "matplotlib"},
+                      "the pipeline's ranks import it and train; rank 0 alone evaluates, after"),
+    "training/finetune.py": ({"mlflow"}, "a training process loads MLflow only to save its model"),
+    "training/tracking.py": ({"mlflow"}, "and to track a run, with MLFLOW_TRACKING_URI set"),
+}
+# What imports without torch: the CLI, config resolution, data check, the inference package
+# (each of its modules) and serving's request decoding.
+TORCH_FREE = ("visiontune", "visiontune.cli", "visiontune.config", "visiontune.data.check",
+              "visiontune.inference", "visiontune.serving.payload")
+HEAVY = {"torch", "transformers", "onnxruntime"}
+
+
+def _local_imports() -> list[tuple[str, int, str]]:
+    """(file relative to the package, line, module) of each import inside a function; a
+    ``from a import b`` names ``a.b`` when that is a visiontune module."""
+    modules = _modules()
+    found = set()
+    for path in SOURCE.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for function in ast.walk(tree):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    assert node.level == 0, f"{path}: relative import"
+                    names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules
+                             else node.module for alias in node.names]
+                else:
+                    continue
+                found.update((str(path.relative_to(SOURCE)), node.lineno, name) for name in names)
+    return sorted(found)
+
+
+def _loads_at_import() -> dict[str, set[str]]:
+    """Module -> the top-level packages outside visiontune that importing it loads, through its
+    own load-time imports, those of the visiontune modules they import and of their packages."""
+    graph, modules = _import_graph(lazy=False), _modules()
+    direct = {}
+    for name, path in modules.items():
+        nodes = _load_time_nodes(ast.parse(path.read_text(encoding="utf-8")))
+        named = {alias.name for node in nodes if isinstance(node, ast.Import) for alias in node.names}
+        named |= {node.module for node in nodes if isinstance(node, ast.ImportFrom) and node.module}
+        direct[name] = {n.split(".")[0] for n in named} - {"visiontune", "__future__"}
+
+    def closure(name: str) -> set[str]:
+        seen, todo = set(), [name]
+        while todo:
+            current = todo.pop()
+            if current not in seen:
+                seen.add(current)
+                todo.extend(graph.get(current, ()))
+                todo.extend(".".join(current.split(".")[:i]) for i in range(1, current.count(".") + 1))
+        return set().union(*(direct.get(m, set()) for m in seen))
+
+    return {name: closure(name) for name in modules}
+
+
+def test_imports_are_at_the_top_of_each_module_but_where_a_rule_allows():
+    loads = _loads_at_import()
+    assert "torch" in loads["visiontune.models.loading"] and "torch" not in loads["visiontune.cli"]
+    unexplained, used = [], {name: set() for name in LIGHT_MODULES}
+    for file, line, name in _local_imports():
+        top = name.split(".")[0]
+        if file in COMMAND_BOUNDARIES or top in OPTIONAL_PACKAGES:
+            continue
+        deferred = LIGHT_MODULES.get(file, (set(),))[0]
+        packages = loads[name] & deferred if top == "visiontune" else {top} & deferred
+        if packages:
+            used[file] |= packages
+        else:
+            unexplained.append(f"{file}:{line}: import {name}")
+    assert not unexplained, "imports inside functions, allowed by no rule:\n" + "\n".join(unexplained)
+    # Each light module defers what it declares, no more: the lists stay as small as the code.
+    assert {file: LIGHT_MODULES[file][0] for file in used} == used
+
+
+def test_each_module_that_uses_a_model_or_must_stay_light_loads_first_in_a_fresh_interpreter():
     """In a fresh interpreter each module comes first once, so a load-time cycle would fail one
-    of them. The inference package and the request decoding leave torch and onnxruntime to the
-    model."""
-    light = ("visiontune.inference", "visiontune.serving.payload")
-    check = ("import importlib, sys; importlib.import_module(sys.argv[1]); "
-             "heavy = {'torch', 'onnxruntime'} & set(sys.modules); "
-             "assert sys.argv[2] == 'any' or not heavy, f'loads {heavy}'")
-    runs = {name: subprocess.Popen(
-                [sys.executable, "-c", check, name, "light" if name.startswith(light) else "any"],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for name in sorted(_modules()) if name.startswith(MODEL_USERS)}
+    of them. What must import without torch does (the inference package and the request
+    decoding leave torch and onnxruntime to the model), and each light module leaves the
+    packages it defers unloaded."""
+    light = {f"visiontune.{file[:-3].replace('/', '.')}": packages
+             for file, (packages, _) in LIGHT_MODULES.items()}
+    names = {name for name in _modules() if name.startswith(MODEL_USERS)} | set(TORCH_FREE) | set(light)
+    check = ("import importlib, json, sys; importlib.import_module(sys.argv[1]); "
+             "loaded = set(json.loads(sys.argv[2])) & set(sys.modules); "
+             "assert not loaded, f'loads {sorted(loaded)}'")
+    runs = {}
+    for name in sorted(names):
+        torch_free = name in TORCH_FREE or name.startswith("visiontune.inference.")
+        unloaded = sorted(light.get(name, set()) | (HEAVY if torch_free else set()))
+        runs[name] = subprocess.Popen([sys.executable, "-c", check, name, json.dumps(unloaded)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = {name: run.communicate(timeout=300)[0] for name, run in runs.items()}
     failed = {name: seen[name][-1500:] for name, run in runs.items() if run.returncode}
     assert not failed, failed

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from visiontune import config as C
+from visiontune.data.files import set_max_file_bytes
 from visiontune.errors import UserError
 
 __all__ = ["import_model", "finetune", "pipeline", "evaluate", "predict", "export_onnx"]
@@ -52,8 +53,6 @@ def prepare_process(cfg, *, loads_torch: bool = True) -> None:
     """What a command's config sets for the whole process, CLI and API alike: the per-image
     byte limit (commands that read images), and triton left out on a machine without a GPU."""
     if hasattr(cfg, "max_image_mb"):
-        from visiontune.data.files import set_max_file_bytes
-
         set_max_file_bytes(cfg.max_image_mb << 20)
     if loads_torch:
         from visiontune import cpu_only

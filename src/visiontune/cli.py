@@ -17,6 +17,7 @@ from visiontune import console, malloc
 from visiontune.api import prepare_process
 from visiontune.config import resolve
 from visiontune.errors import UserError
+from visiontune.ranks import is_main_process
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,7 +64,6 @@ def _demo_data(cfg) -> int:
 
 
 def _finetune(cfg) -> int:
-    from visiontune.training.distributed import is_main_process
     from visiontune.training.finetune import finetune
 
     result = finetune(cfg, show=_show)
@@ -76,7 +76,6 @@ def _finetune(cfg) -> int:
 def _pipeline(cfg) -> int:
     from visiontune.evaluation import show_report
     from visiontune.pipeline_run import run_pipeline
-    from visiontune.training.distributed import is_main_process
 
     result = run_pipeline(cfg, show=_show)
     if is_main_process():
@@ -159,8 +158,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     # One log in distributed runs: the other ranks only say when something is wrong.
-    from visiontune.training.distributed import is_main_process
-
     console.setup(is_main_process())  # before any library logs or warns
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -21,9 +21,13 @@ import argparse
 import dataclasses
 import re
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+from importlib.metadata import requires
 from typing import Any, Iterable
+
+import yaml
 
 from visiontune import __version__
 from visiontune import inputs as I
@@ -168,15 +172,10 @@ def requirements(extras: tuple[str, ...] = ()) -> list[str]:
     checkout, else the installed distribution's metadata."""
     pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     if pyproject.is_file():
-        import tomllib
-
         with pyproject.open("rb") as f:
             project = tomllib.load(f)["project"]
         return [*project["dependencies"],
                 *(r for extra in extras for r in project["optional-dependencies"][extra])]
-    import re
-    from importlib.metadata import requires
-
     def extra_of(requirement: str) -> str | None:
         found = re.search(r"extra\s*==\s*['\"]([\w-]+)['\"]", requirement)
         return found.group(1) if found else None
@@ -361,8 +360,6 @@ def component_specs() -> dict[str, dict[str, Any]]:
 def render(spec: dict[str, Any]) -> str:
     """YAML text: the header comment, the spec, then the command (if any) folded one argument a
     line (YAML joins the lines of a ``>-`` block with spaces, so Azure gets one command line)."""
-    import yaml
-
     body = {k: v for k, v in spec.items() if k != "command"}
     text = yaml.safe_dump(body, sort_keys=False, width=100, allow_unicode=True,
                           default_flow_style=False)

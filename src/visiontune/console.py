@@ -19,6 +19,8 @@ import sys
 import threading
 import warnings
 
+from visiontune import settings
+
 LEVEL_ENV = "VISIONTUNE_LOG_LEVEL"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -107,8 +109,6 @@ def _isatty(stream) -> bool:
 
 
 def _level() -> int:
-    from visiontune import settings
-
     value = settings.text(LEVEL_ENV).upper()  # the declared default: INFO
     level = logging.getLevelName(value) if not value.isdigit() else int(value)
     return level if isinstance(level, int) else logging.INFO

@@ -16,14 +16,16 @@ from __future__ import annotations
 import logging
 import sys
 
+import torch
+
+from visiontune import settings
+
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "VISIONTUNE_SKIP_TRITON"
 
 
 def _has_accelerator() -> bool:
-    import torch
-
     if torch.cuda.is_available():  # NVIDIA and ROCm builds
         return True
     xpu = getattr(torch, "xpu", None)
@@ -33,8 +35,6 @@ def _has_accelerator() -> bool:
 def skip_triton() -> bool:
     """Mark triton absent for this process when it has no GPU and triton is not loaded yet.
     True when it was marked (now or earlier)."""
-    from visiontune import settings
-
     if "triton" in sys.modules:  # loaded already, or marked by an earlier call
         return sys.modules["triton"] is None
     if not settings.flag(ENV_SWITCH) or _has_accelerator():

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 from visiontune.errors import UserError
 from visiontune.outputs import check_folder
@@ -61,8 +63,6 @@ class Placement:
 
 def split_digits(targets: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     """Stratified 60/20/20 split of digit indices; each split sorted for stable file order."""
-    from sklearn.model_selection import train_test_split
-
     indices = np.arange(len(targets))
     rest, test = train_test_split(indices, test_size=0.2, stratify=targets, random_state=seed)
     # 0.25 of the remaining 80 % is 20 % of the whole.
@@ -172,8 +172,6 @@ def write_demo_data(output_dir, seed: int = 0) -> dict[str, Path]:
     ``output_dir`` and renamed into place, so an interrupted run never leaves a half dataset. A
     complete dataset of the same format and seed already there is reused.
     """
-    from sklearn.datasets import load_digits
-
     out = check_folder(Path(output_dir).expanduser().resolve(), "output_dir", create=False)
     bunch = load_digits()
     images, targets = bunch.images, bunch.target

@@ -13,8 +13,17 @@ CPU (the depthwise path still needs native bf16), ``0`` in float32 on every CPU.
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import re
 from dataclasses import dataclass
+
+import torch
+
+from visiontune import settings
+from visiontune.models.depthwise import ENV_SWITCH as DEPTHWISE
+from visiontune.models.hardtanh import ENV_SWITCH as HARDTANH
+from visiontune.ranks import local_rank
 
 ENV_CPU_BF16 = "VISIONTUNE_CPU_BF16"
 
@@ -34,16 +43,12 @@ class CpuKind:
 @functools.lru_cache(maxsize=1)
 def cpu_kind() -> CpuKind:
     """This machine's CPU, as PyTorch sees it."""
-    import torch
-
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return CpuKind(torch.backends.cpu.get_cpu_capability(), bool(native))
 
 
 def cpu_bf16(kind: CpuKind) -> tuple[bool, str]:
     """Whether ``--precision 16`` trains in bf16 on a CPU of this kind, and a note saying why."""
-    from visiontune import settings
-
     if settings.is_set(ENV_CPU_BF16):
         forced = settings.text(ENV_CPU_BF16)
         on = settings.flag(ENV_CPU_BF16, kind.native_bf16)
@@ -63,10 +68,6 @@ def fast_depthwise_applies(kind: CpuKind) -> bool:
 
 def cpu_paths(kind: CpuKind, *, bf16: bool, deepspeed: bool) -> str:
     """One line for the run's notes: the CPU and which of its speed paths a training run takes."""
-    from visiontune import settings
-    from visiontune.models.depthwise import ENV_SWITCH as DEPTHWISE
-    from visiontune.models.hardtanh import ENV_SWITCH as HARDTANH
-
     def state(on: bool, why_off: str) -> str:
         return "on" if on else f"off ({why_off})"
 
@@ -126,8 +127,6 @@ class GpuKind:
 
 
 def _read_driver(path: str = NVIDIA_DRIVER_FILE) -> str | None:
-    import re
-
     try:
         text = open(path, encoding="utf-8", errors="replace").read()
     except OSError:
@@ -140,10 +139,6 @@ def _read_driver(path: str = NVIDIA_DRIVER_FILE) -> str | None:
 def gpu_kind() -> GpuKind:
     """This machine's GPUs as torch sees them (the GPU asked about is this process's own, so
     that no rank touches GPU 0 before its device is set)."""
-    import torch
-
-    from visiontune.training.distributed import local_rank
-
     driver = _read_driver()
     visible = driver is not None or os.path.exists(NVIDIA_DEVICE_FILE)
     hip = bool(getattr(torch.version, "hip", None))
@@ -168,8 +163,6 @@ def _version(text: str | None) -> tuple[int, ...]:
 def gpu_warning(kind: GpuKind) -> str | None:
     """One line when an NVIDIA GPU is there but torch cannot use it (or has no kernels for it),
     naming torch's CUDA build and what to do; None when all is well or there is no GPU."""
-    import torch
-
     build = f"torch {torch.__version__.split('+')[0]}"
     if kind.cuda_available:
         if kind.hip or not kind.capability or not kind.arch_list:
@@ -200,8 +193,6 @@ def gpu_warning(kind: GpuKind) -> str | None:
 @functools.lru_cache(maxsize=None)
 def warn_unusable_gpu(kind: GpuKind) -> str | None:
     """``gpu_warning``, logged once per process (a run plans more than once)."""
-    import logging
-
     line = gpu_warning(kind)
     if line:
         logging.getLogger("visiontune").warning(line)
@@ -211,8 +202,6 @@ def warn_unusable_gpu(kind: GpuKind) -> str | None:
 def tf32_applies(kind: GpuKind) -> bool:
     """TF32 matrix products (the Trainer's ``tf32``): GPUs of compute capability 8.0 and newer,
     unless ``VISIONTUNE_TF32=0``."""
-    from visiontune import settings
-
     on_ampere = kind.cuda_available and not kind.hip and bool(kind.capability) and kind.capability[0] >= 8
     return on_ampere and settings.flag(ENV_TF32)
 

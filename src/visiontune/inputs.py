@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+import yaml
+
 from visiontune.errors import UserError
 
 from visiontune.tasks import MULTICLASS, MULTILABEL, TASKS  # noqa: F401 (the input table's choices)
@@ -663,8 +665,6 @@ def read_config_file(path: str | None) -> dict[str, Any]:
     """A YAML or JSON mapping of input names to values (JSON is YAML)."""
     if not path:
         return {}
-    import yaml
-
     file = Path(path)
     if not file.is_file():
         raise UserError(f"--config: not a file: {path}" if file.exists() else f"--config: file not found: {path}")

@@ -30,6 +30,8 @@ import functools
 import logging
 import sys
 
+from visiontune import settings
+
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "VISIONTUNE_MALLOC_TUNING"
@@ -60,8 +62,6 @@ def tune() -> bool:
     True when set."""
     global _tuned
     if _tuned is None:
-        from visiontune import settings
-
         libc = _glibc() if settings.flag(ENV_SWITCH) else None
         _tuned = bool(libc and libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
                       and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)

@@ -17,6 +17,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import EvalResult, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 from visiontune import __version__
 from visiontune.model_folder import ARGS_FILE, AUGMENTATIONS_FILE, EVAL_RESULTS_FILE, ModelFolder
 from visiontune.outputs import write_text_atomic
@@ -176,8 +179,6 @@ def hub_base_model(name: str | None) -> str | None:
     or a local folder's name, which the hub could not link)."""
     if not name or name.count("/") != 1 or Path(name).expanduser().exists():
         return None
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     try:
         validate_repo_id(name)
     except HFValidationError:
@@ -186,8 +187,6 @@ def hub_base_model(name: str | None) -> str | None:
 
 
 def _metadata(facts: dict[str, Any]) -> str:
-    from huggingface_hub import EvalResult, ModelCardData
-
     task = facts["task"]
     results = []
     for split, metrics, dataset in (("validation", facts["validation"], _dataset_name(facts, "validation")),

@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from visiontune import __version__
+from visiontune.data.transforms import describe_augmentations
 from visiontune.errors import UserError
 from visiontune.inference import Classifier, model_folder
 from visiontune.inference.onnx_runtime import (
@@ -60,8 +62,6 @@ def _quiet_exporter():
 
 
 def _logits_module(model):
-    import torch
-
     class LogitsOnly(torch.nn.Module):
         """``pixel_values -> logits``: one named tensor out instead of a ModelOutput."""
 
@@ -86,7 +86,6 @@ def _check_with_ort(path: Path, module, height: int, width: int) -> float:
     """Largest |ORT - PyTorch| logit difference on a batch of CHECK_BATCH random images,
     relative to the largest logit (at least 1)."""
     import onnxruntime as ort
-    import torch
 
     generator = torch.Generator().manual_seed(0)
     batch = torch.randn(CHECK_BATCH, 3, height, width, generator=generator)
@@ -116,7 +115,6 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, opset: int = 18) 
     """Export the fine-tuned model in ``model_dir`` (PyTorch or MLflow folder) into
     ``output_dir``; return the path of ``model.onnx``."""
     require_packages(("onnx", "onnxscript", "onnxruntime"), "export-onnx")
-    import torch
 
     opset = int(opset)
     if opset < MIN_OPSET:
@@ -170,10 +168,6 @@ def export_onnx(model_dir: str | Path, output_dir: str | Path, opset: int = 18) 
 
 def export_metadata(classifier: Classifier, opset: int, source: Path) -> dict[str, Any]:
     """What a consumer needs besides the graph: labels, task, preprocessing, thresholds."""
-    import torch
-
-    from visiontune.data.transforms import describe_augmentations
-
     pre = classifier.preprocessing
     multilabel = classifier.task == MULTILABEL
     threshold = classifier.threshold.tolist() if multilabel else None

@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+import yaml
+
 from visiontune.errors import UserError
 
 STAGING_PREFIX = ".visiontune-staging-"
@@ -242,8 +244,6 @@ MLFLOW_WRITER = "visiontune"  # the MLmodel metadata's ``written_by``
 
 def is_visiontune_mlflow_model(folder: Path) -> bool:
     """An MLflow model that visiontune wrote (its ``MLmodel`` says so), which may be replaced."""
-    import yaml
-
     try:
         meta = (yaml.safe_load((Path(folder) / "MLmodel").read_text(encoding="utf-8")) or {}).get("metadata") or {}
     except (OSError, ValueError, AttributeError, yaml.YAMLError):

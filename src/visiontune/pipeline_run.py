@@ -26,6 +26,7 @@ from visiontune.errors import UserError
 from visiontune.evaluation import check_report_folder, evaluate
 from visiontune.model_card import CARD_FILE, write_model_card
 from visiontune.models.importer import import_model
+from visiontune.ranks import is_main_process
 from visiontune.training import distributed
 from visiontune.training.finetune import (
     VALIDATION_SPLIT_FILE, check_finetune_inputs, finetune, read_data,
@@ -59,7 +60,7 @@ def run_pipeline(cfg: PipelineConfig, *, callbacks: Iterable[Any] = (),
 
 def _run_pipeline(cfg: PipelineConfig, callbacks: Iterable[Any], show: Callable[[str], None]) -> PipelineResult:
     def step(text: str) -> None:
-        if distributed.is_main_process():
+        if is_main_process():
             show(text)
 
     if not any((cfg.model_name, cfg.pytorch_model, cfg.mlflow_model)):
@@ -70,7 +71,7 @@ def _run_pipeline(cfg: PipelineConfig, callbacks: Iterable[Any], show: Callable[
     # 1. Inputs: every cross-input rule and output that does not need the model itself.
     check_finetune_inputs(config_from(FinetuneConfig, cfg, "not imported yet", model_path=None),
                           model_name=cfg.model_name)
-    if distributed.is_main_process() and cfg.output_dir_evaluation:
+    if is_main_process() and cfg.output_dir_evaluation:
         check_report_folder(evaluation_dir, "output_dir_evaluation")
 
     # 2. Data, before any model is imported.
@@ -94,7 +95,7 @@ def _run_pipeline(cfg: PipelineConfig, callbacks: Iterable[Any], show: Callable[
     # Test data, else the validation data, else the held-out split the run wrote out.
     test_data = cfg.test_data or cfg.validation_data or str(out / VALIDATION_SPLIT_FILE)
     report = None
-    if distributed.is_main_process():
+    if is_main_process():
         show(f"[4/4] evaluating on {redact(test_data)}")
         batch = {"batch_size": cfg.validation_batch_size} if cfg.validation_batch_size else {}
         report, _ = evaluate(config_from(

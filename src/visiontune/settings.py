@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from visiontune.inputs import parse_bool
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -68,8 +70,6 @@ def is_set(name: str) -> bool:
 def flag(name: str, default: bool | None = None) -> bool:
     """An on/off switch, read as boolean inputs are read; its declared default (or ``default``,
     for a switch whose default the code decides) when it is unset or not a boolean."""
-    from visiontune.inputs import parse_bool
-
     declared = _declared(name).default
     fallback = declared if default is None else default
     try:

@@ -15,9 +15,9 @@ from PIL import Image
 
 from visiontune.data.cache import SHRINK_MARGIN, DecodedImageCache, plan_for
 from visiontune.data.dataset import ImageDataset
-from visiontune.data.images import hwc_tensor, load_image
+from visiontune.data.images import load_image
 from visiontune.data.sources import Record
-from visiontune.data.transforms import Preprocessing, eval_transform, train_transform
+from visiontune.data.transforms import Preprocessing, eval_transform, hwc_tensor, train_transform
 from visiontune.errors import DataError
 from visiontune.inputs import MULTICLASS
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from visiontune.data.images import (
-    decode_image, hwc_tensor, load_image, to_uint8_tensor, verify_image,
+from visiontune.data.images import decode_image, load_image, verify_image
+from visiontune.data.transforms import (
+    Preprocessing, eval_transform, hwc_tensor, to_uint8_tensor, train_transform,
 )
-from visiontune.data.transforms import Preprocessing, eval_transform, train_transform
 from visiontune.errors import DataError
 
 

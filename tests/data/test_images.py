@@ -17,8 +17,9 @@ from PIL import Image
 
 from visiontune.data import files, images
 from visiontune.data.images import (
-    decode_image, load_image, read_image_bytes, to_uint8_tensor, verify_image,
+    decode_image, load_image, read_image_bytes, verify_image,
 )
+from visiontune.data.transforms import to_uint8_tensor
 from visiontune.errors import DataError
 
 

@@ -324,9 +324,9 @@ BREAKS: list[Break] = [
           "                if depth > 1:",
           "                if False:", (T_SILENCED_THREADS,)),
     # --- one preprocessing --------------------------------------------------------------
-    Break("saved-processor-bicubic", PREPROCESSING, TRANSFORMS,
-          '"resample": _PIL_CODES[pre.interpolation]',
-          '"resample": _PIL_CODES["bicubic"]', (T_SAVED_PROCESSOR,)),
+    Break("saved-processor-bicubic", PREPROCESSING, FINETUNE,
+          '"resample": PIL_CODES[pre.interpolation]',
+          '"resample": PIL_CODES["bicubic"]', (T_SAVED_PROCESSOR,)),
     # --- a GPU run's loader (run on the CPU) ------------------------------------------------
     Break("device-batches-not-normalised", GPU_LOADER, "src/visiontune/training/trainer.py",
           '            inputs["pixel_values"] = self.normalise(inputs["pixel_values"])',

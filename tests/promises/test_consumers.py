@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from visiontune.config import resolve
-from visiontune.data.transforms import Preprocessing, eval_transform, hf_image_processor
+from visiontune.data.transforms import Preprocessing, eval_transform
 from visiontune.inputs import FINETUNE_INPUTS, MULTICLASS
-from visiontune.training.finetune import finetune
+from visiontune.training.finetune import finetune, hf_image_processor
 
 LABELS = ["red", "green", "blue"]
 TOLERANCE = 1e-4  # probabilities; top-1 labels must be equal

@@ -12,7 +12,7 @@ from importlib import import_module
 _EXPORTS = {
     "Record": "sources", "Problem": "sources", "load_records": "sources",
     "read_image_bytes": "images", "decode_image": "images", "load_image": "images",
-    "to_uint8_tensor": "images",
+    "to_uint8_tensor": "transforms",
     "build_classes": "labels", "encode_label": "labels",
     "stratified_split": "split",
     "Preprocessing": "transforms", "resolve_preprocessing": "transforms",

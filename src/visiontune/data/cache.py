@@ -50,8 +50,15 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from visiontune import settings
+from visiontune.data import images
+from visiontune.data.prepare import cpu_cores
+from visiontune.data.transforms import PillowResize, hwc_tensor
+from visiontune.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +118,6 @@ def _interpolation_name(mode: Any) -> str | None:
 def plan_for(transform: Any) -> CachePlan | None:
     """The cache plan of a transform built by ``visiontune.data.transforms``; None when the
     transform does not start with a (random-resized-crop or plain) resize to a fixed size."""
-    from torchvision.transforms import v2
-
-    from visiontune.data.transforms import PillowResize
-
     steps = getattr(transform, "transforms", None)
     if not steps:
         return None
@@ -156,14 +159,6 @@ def _npy_header(array: np.ndarray) -> bytes:
                                              np.lib.format.header_data_from_array_1_0(array))
         header = _HEADERS[array.shape] = buffer.getvalue()
     return header
-
-
-def cpu_cores() -> int:
-    """The cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def _read_entry(entry: Path) -> np.ndarray | None:
@@ -225,8 +220,6 @@ class DecodedImageCache:
     def read(entry: Path):
         """The CHW uint8 tensor (channels-last strides) of an entry, or None when absent or
         unreadable (then the caller decodes the image)."""
-        import torch
-
         try:
             array = _read_entry(entry)
         except (OSError, ValueError, EOFError):
@@ -240,14 +233,9 @@ class DecodedImageCache:
         """Decode ``uri`` (its bytes ``data`` when given; in full: a reduced-scale JPEG decode
         would differ more from the plain path, and this runs once per image) and return the CHW
         uint8 tensor this plan stores; DataError when the image cannot be read."""
-        from torchvision.transforms.v2 import InterpolationMode
-        from torchvision.transforms.v2 import functional as F
-
-        from visiontune.data.images import decode_image, hwc_tensor, read_image_bytes
-
         if data is None:
-            data = read_image_bytes(uri)
-        pixels = hwc_tensor(decode_image(data, where=uri))
+            data = images.read_image_bytes(uri)
+        pixels = hwc_tensor(images.decode_image(data, where=uri))
         if self.plan.kind == "exact":
             return self.first_step(pixels)
         side = self.plan.size[0]
@@ -258,7 +246,7 @@ class DecodedImageCache:
         size = [max(1, round(height * scale)), max(1, round(width * scale))]
         # torchvision's resize, as the transform's own: the stored image is what its resize
         # would make of the full image at this size.
-        return F.resize(pixels, size, interpolation=InterpolationMode(self.plan.interpolation),
+        return F.resize(pixels, size, interpolation=v2.InterpolationMode(self.plan.interpolation),
                         antialias=True)
 
     def write(self, entry: Path, tensor) -> int:
@@ -453,10 +441,7 @@ def _local_bytes(uri: str) -> bytes | None:
     """The bytes of an image, read as the plain path reads them (regular files only, within the
     size limit; a remote image from its downloaded copy, fetched now if needed); None when they
     cannot be read."""
-    from visiontune.data.images import read_image_bytes
-    from visiontune.errors import DataError
-
     try:
-        return read_image_bytes(uri)
+        return images.read_image_bytes(uri)
     except DataError:
         return None

@@ -14,9 +14,10 @@ import torch
 from visiontune import settings
 from visiontune.data import cache as cache_settings
 from visiontune.data.cache import DecodedImageCache
-from visiontune.data.images import hwc_tensor, load_image
+from visiontune.data.images import load_image
 from visiontune.data.labels import check_task, encode_label
 from visiontune.data.sources import Record
+from visiontune.data.transforms import hwc_tensor
 from visiontune.errors import DataError
 from visiontune.tasks import MULTICLASS
 

@@ -300,28 +300,6 @@ def load_image(uri: str, min_side: int | None = None) -> Image.Image:
     return decode_image(read_image_bytes(uri), where=uri, min_side=min_side)
 
 
-def to_uint8_tensor(image: Image.Image):
-    """A CHW uint8 torch tensor of an image (converted to RGB when it is not)."""
-    import torch
-
-    if image.mode != "RGB":
-        image = to_rgb(image)
-    array = np.array(image, dtype=np.uint8, copy=True)  # writable: torch warns otherwise
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-def hwc_tensor(image: Image.Image):
-    """A CHW uint8 view of an HWC copy of the pixels (channels-last strides).
-
-    Same values as ``to_uint8_tensor`` with one copy fewer; torchvision's uint8 resize works
-    on this layout natively, so the data loader skips a transpose per image."""
-    import torch
-
-    if image.mode != "RGB":
-        image = to_rgb(image)
-    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
-
-
 # Orientations that swap width and height (transpose, rotate 90/270, transverse).
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 

@@ -37,6 +37,8 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
+import yaml
+
 from visiontune.data import storage
 from visiontune.data.files import FORMAT_SUFFIXES, MLTABLE_FILE
 from visiontune.errors import DataError
@@ -175,8 +177,6 @@ def _resolve_paths(entries: Any, base_dir: Path, where: str) -> list[tuple[Path,
 
 def read_mltable(folder: str | Path) -> TableSpec:
     """Parse ``folder/MLTable`` into a TableSpec; DataError for anything we cannot honour."""
-    import yaml
-
     folder = Path(folder)
     file = folder / MLTABLE_FILE
     where = str(file)

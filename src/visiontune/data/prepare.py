@@ -9,6 +9,7 @@ stop, because no amount of skipping fixes them.
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,6 @@ from typing import Iterable
 
 from visiontune import settings
 from visiontune.data import checked
-from visiontune.data.cache import cpu_cores
 from visiontune.data.images import verify_image
 from visiontune.data.labels import build_classes, check_task, sort_classes
 from visiontune.data.storage import redact
@@ -27,6 +27,14 @@ from visiontune.errors import DataError
 log = logging.getLogger(__name__)
 
 SHOWN_IN_SUMMARY = 5
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 @dataclass

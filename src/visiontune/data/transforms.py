@@ -1,11 +1,13 @@
-"""Image transforms (torchvision.transforms.v2 on uint8 CHW tensors) and their settings.
+"""Image transforms (torchvision.transforms.v2 on uint8 CHW tensors), their settings, and the
+tensors of decoded images they take (``hwc_tensor``).
 
 Validation, evaluation and serving share ONE transform, ``eval_transform``: resize to
 (H, W) with the base model's own interpolation and normalise, with no center crop, so a model
 scores the same pixels everywhere. Training uses it too unless augmentations are on.
 ``Preprocessing`` is the small, saved description that rebuilds these transforms anywhere
-(e.g. inside an MLflow model); ``hf_image_processor`` and ``timm_pretrained_cfg`` write it in
-the forms transformers' ``AutoImageProcessor`` and ``pipeline`` read, so they score the same.
+(e.g. inside an MLflow model); ``timm_pretrained_cfg`` and ``training.finetune``'s
+``hf_image_processor`` write it in the forms transformers' ``AutoImageProcessor`` and
+``pipeline`` read, so they score the same.
 
 Both are ``Compose``: torchvision's, run faster on a single image tensor (see its docstring).
 """
@@ -16,12 +18,15 @@ import logging
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from visiontune import settings
 from visiontune.data import color
+from visiontune.data.images import to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +49,7 @@ _INTERPOLATIONS = {
 # become their nearest kin among the three every backend (torchvision, ONNX, PIL) shares.
 _PIL_RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear",
                  5: "bilinear"}
-_PIL_CODES = {"nearest": 0, "bilinear": 2, "bicubic": 3}
+PIL_CODES = {"nearest": 0, "bilinear": 2, "bicubic": 3}
 
 
 @dataclass
@@ -172,28 +177,6 @@ def resolve_preprocessing(
                          resampler=resampler)
 
 
-def hf_image_processor(pre: Preprocessing):
-    """A transformers image processor that computes ``eval_transform(pre)``: resize the whole
-    image to (H, W), no crop, scale to 0..1, normalise (MobileViT's, for BGR models).
-
-    The model's own processor class cannot always say this (ConvNeXt's needs a square
-    ``shortest_edge`` and crops below 384 pixels), so the generic ViT processor is written
-    for every RGB model: ``AutoImageProcessor`` reads the class from the saved file."""
-    common = {"do_resize": True, "size": {"height": pre.height, "width": pre.width},
-              "resample": _PIL_CODES[pre.interpolation], "do_rescale": True,
-              "rescale_factor": 1 / 255, "do_convert_rgb": True}
-    if pre.channel_order == "BGR":
-        from transformers import MobileViTImageProcessor
-
-        if pre.mean != (0.0, 0.0, 0.0) or pre.std != (1.0, 1.0, 1.0):
-            raise ValueError("a BGR model's processor cannot normalise; mean 0 and std 1 expected")
-        return MobileViTImageProcessor(**common, do_center_crop=False, do_flip_channel_order=True)
-    from transformers import ViTImageProcessor
-
-    return ViTImageProcessor(**common, do_normalize=True, image_mean=list(pre.mean),
-                             image_std=list(pre.std))
-
-
 def timm_pretrained_cfg(pre: Preprocessing, pretrained_cfg: dict[str, Any]) -> dict[str, Any]:
     """A timm ``pretrained_cfg`` whose evaluation transform is ``eval_transform(pre)`` (timm's
     "squash" resizes the whole image to the input size; crop_pct 1 keeps all of it)."""
@@ -202,6 +185,24 @@ def timm_pretrained_cfg(pre: Preprocessing, pretrained_cfg: dict[str, Any]) -> d
     return {**pretrained_cfg, "input_size": [3, pre.height, pre.width], "crop_pct": 1.0,
             "crop_mode": "squash", "interpolation": pre.interpolation,
             "mean": list(pre.mean), "std": list(pre.std)}
+
+
+def to_uint8_tensor(image: Image.Image):
+    """A CHW uint8 torch tensor of an image (converted to RGB when it is not)."""
+    if image.mode != "RGB":
+        image = to_rgb(image)
+    array = np.array(image, dtype=np.uint8, copy=True)  # writable: torch warns otherwise
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def hwc_tensor(image: Image.Image):
+    """A CHW uint8 view of an HWC copy of the pixels (channels-last strides).
+
+    Same values as ``to_uint8_tensor`` with one copy fewer; torchvision's uint8 resize works
+    on this layout natively, so the data loader skips a transpose per image."""
+    if image.mode != "RGB":
+        image = to_rgb(image)
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
 
 
 class PillowResize(torch.nn.Module):
@@ -213,11 +214,8 @@ class PillowResize(torch.nn.Module):
         self.size, self.interpolation = list(size), interpolation
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        import numpy as np
-        from PIL import Image
-
         pixels = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy()))
-        resized = pixels.resize((self.size[1], self.size[0]), _PIL_CODES[self.interpolation])
+        resized = pixels.resize((self.size[1], self.size[0]), PIL_CODES[self.interpolation])
         return torch.from_numpy(np.array(resized)).permute(2, 0, 1)
 
 

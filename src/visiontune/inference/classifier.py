@@ -12,7 +12,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from visiontune.data.images import hwc_tensor
 from visiontune.errors import UserError
 from visiontune.metrics import probabilities
 from visiontune.model_folder import ModelFolder
@@ -50,7 +49,7 @@ class ClassifierBase:
 
     def __init__(self, model_dir: Path, classes: list[str], task: str, preprocessing,
                  threshold: Any):
-        from visiontune.data.transforms import eval_transform
+        from visiontune.data import transforms  # loads torch: when a model is opened
 
         self.model_dir = model_dir
         self.classes = classes
@@ -60,7 +59,8 @@ class ClassifierBase:
             self.threshold = check_threshold(threshold, len(classes))
         except ValueError as exc:
             raise UserError(f"--model: {model_dir}: the saved {exc}") from None
-        self.transform = eval_transform(preprocessing)
+        self.transform = transforms.eval_transform(preprocessing)
+        self.to_tensor = transforms.hwc_tensor
 
     def batch_logits(self, batch) -> np.ndarray:
         """Logits of one preprocessed batch (N x C x H x W float tensor); backends implement it."""
@@ -69,7 +69,7 @@ class ClassifierBase:
     def preprocess(self, image):
         """One PIL image -> its normalised CHW tensor, by the saved evaluation transform.
         Thread-safe, so callers may preprocess the next batch while the model runs."""
-        return self.transform(hwc_tensor(image))
+        return self.transform(self.to_tensor(image))
 
     def tensors(self, images: Sequence[Any]):
         """PIL images -> one normalised batch tensor."""

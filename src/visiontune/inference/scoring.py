@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from visiontune.data.images import load_image
 from visiontune.errors import DataError, UserError
@@ -65,8 +66,6 @@ class Progress:
         self.total, self.desc, self.done = total, desc, 0
         self.bar = None
         if sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
         self.step = max(1, -(-total // 10))
         self.next_line = self.step

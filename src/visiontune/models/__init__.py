@@ -5,9 +5,20 @@
 - ``builtin``: models available offline (``efficientnet-lite0``).
 - ``loading``: the image processor and the model with a head for the training classes.
 - ``depthwise``: a faster backward for depthwise convolutions in bfloat16 on the CPU.
+
+Names are imported lazily, so that one submodule (the depthwise switch, for the run's notes)
+loads without the importer's libraries.
 """
 
-from visiontune.models.importer import import_model
-from visiontune.models.loading import load_for_finetune, load_image_processor
+from importlib import import_module
 
-__all__ = ["import_model", "load_for_finetune", "load_image_processor"]
+_EXPORTS = {"import_model": "importer", "load_for_finetune": "loading",
+            "load_image_processor": "loading"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

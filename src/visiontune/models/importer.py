@@ -24,10 +24,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
+import timm
+import torch
+import yaml
+from huggingface_hub.errors import (
+    GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
+from transformers.utils import logging as hf_logging
+
 from visiontune import __version__
 from visiontune.errors import UserError, first_line
 from visiontune.model_folder import METADATA_FILE, ModelFolder
 from visiontune.models.builtin import BUILTIN_MODELS, PROCESSOR_FILE, write_timm_processor_config
+from visiontune.models.loading import checkpoint_labels, load_config, load_image_processor
 from visiontune.outputs import LOCK_FILE, check_folder, staged
 from visiontune.tasks import PROBLEM_TYPES, task_of
 
@@ -48,8 +62,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 # Metadata
 # ---------------------------------------------------------------------------------------------
 def _mlmodel_metadata(mlflow_dir: Path) -> dict:
-    import yaml
-
     try:
         data = yaml.safe_load((mlflow_dir / "MLmodel").read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -126,9 +138,6 @@ def _find_processor(model_dir: Path, root: Path) -> Path | None:
 # ---------------------------------------------------------------------------------------------
 def _bin_to_safetensors(files: list[Path], target: Path) -> None:
     """Merge pytorch_model*.bin into one model.safetensors (safetensors cannot load code)."""
-    import torch
-    from safetensors.torch import save_file
-
     tensors: dict[str, Any] = {}
     for file in files:
         try:
@@ -215,10 +224,6 @@ def _copy_model_folder(model_dir: Path, root: Path, dst: Path, option: str) -> N
 
 def _check_config(model_dir: Path, option: str) -> None:
     """Refuse what transformers cannot load as an image classifier, before copying anything."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
-
-    from visiontune.models.loading import load_config
-
     try:
         config = load_config(model_dir)
     except UserError as exc:
@@ -229,8 +234,6 @@ def _check_config(model_dir: Path, option: str) -> None:
             "transformers can fine-tune"
         )
     if config.model_type == "timm_wrapper":
-        import timm
-
         if not timm.is_model(config.architecture):
             raise UserError(
                 f"{option}: timm {timm.__version__} does not know the architecture {config.architecture!r}"
@@ -240,8 +243,6 @@ def _check_config(model_dir: Path, option: str) -> None:
 def _check_weights(model_dir: Path, option: str) -> None:
     """Refuse safetensors weights that are damaged or cut short (their header must describe
     the whole file), before copying them. Reads the headers only."""
-    from safetensors import SafetensorError, safe_open
-
     for path in sorted(model_dir.glob("*.safetensors")):
         try:
             with safe_open(str(path), framework="pt"):
@@ -251,8 +252,6 @@ def _check_weights(model_dir: Path, option: str) -> None:
 
 
 def _check_processor(folder: Path, option: str) -> None:
-    from visiontune.models.loading import load_image_processor
-
     try:
         load_image_processor(folder)
     except UserError as exc:
@@ -263,8 +262,6 @@ def _check_processor(folder: Path, option: str) -> None:
 def _quiet_transformers():
     """Keep transformers' notices and progress bars out of the component's output; what matters
     is reported by our own log lines or as a UserError."""
-    from transformers.utils import logging as hf_logging
-
     level = hf_logging.get_verbosity()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
@@ -292,17 +289,9 @@ def _offline_hint(model_id: str) -> str:
 def _download_from_hub(model_id: str) -> Path:
     """Download config, processor and weights of ``model_id``; the path of the snapshot."""
     try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import (
-            GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
-            RevisionNotFoundError,
-        )
-    except ImportError:  # pragma: no cover - transformers always brings huggingface_hub
-        raise UserError("--model_name: huggingface_hub is not installed") from None
-    try:
-        path = Path(snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors"]))
+        path = Path(huggingface_hub.snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors"]))
         if not any(path.glob("*.safetensors")):
-            path = Path(snapshot_download(model_id, allow_patterns=["*.json", "pytorch_model*.bin"]))
+            path = Path(huggingface_hub.snapshot_download(model_id, allow_patterns=["*.json", "pytorch_model*.bin"]))
     except GatedRepoError:
         raise UserError(
             f"--model_name: {model_id!r} is gated on the Hugging Face hub; accept its terms and "
@@ -492,8 +481,6 @@ def _resolve_source(model_name, pytorch_model, mlflow_model, option) -> tuple[st
 
 def _metadata(*, model_name, source, source_path, base_model_name, source_meta, finetuned,
               config_dir) -> dict:
-    from visiontune.models.loading import checkpoint_labels, load_config
-
     model_metadata: dict[str, Any] = {
         "base_model_name": base_model_name,
         "finetuning_task": None,

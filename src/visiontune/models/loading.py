@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from torch import nn
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
 
 from visiontune import settings
 from visiontune.errors import UserError, first_line
@@ -26,8 +34,6 @@ def _model_dir(model_dir: str | Path) -> Path:
 
 def load_config(model_dir: str | Path, **kwargs):
     """The model's ``PretrainedConfig``; a UserError when it is missing or not a model config."""
-    from transformers import AutoConfig
-
     path = _model_dir(model_dir)
     try:
         return AutoConfig.from_pretrained(path, **kwargs)
@@ -46,8 +52,6 @@ def load_image_processor(model_dir: str | Path):
 
     For timm-wrapper folders transformers reads the preprocessing from ``pretrained_cfg`` in
     config.json, not from preprocessor_config.json."""
-    from transformers import AutoImageProcessor
-
     path = _model_dir(model_dir)
     try:
         return AutoImageProcessor.from_pretrained(path)
@@ -62,8 +66,6 @@ def _heads(model, num_labels: int) -> list:
 
     Native models name them ``classifier`` (a few add a distillation head); timm models say
     which module is theirs through ``get_classifier()``."""
-    import torch.nn as nn
-
     timm_model = getattr(model, "timm_model", None)
     if timm_model is not None and hasattr(timm_model, "get_classifier"):
         head = timm_model.get_classifier()
@@ -83,8 +85,6 @@ def _heads(model, num_labels: int) -> list:
 
 def _reinit_heads(model, num_labels: int) -> None:
     """Fresh head weights, drawn by the model's own initialiser as for a resized head."""
-    import torch
-
     heads = _heads(model, num_labels)
     if not heads:
         log.warning(
@@ -108,8 +108,6 @@ def _reinit_heads(model, num_labels: int) -> None:
 
 def _reorder_heads(model, order: list[int]) -> bool:
     """Put the trained head's rows in the new class order; False when the head is not found."""
-    import torch
-
     heads = _heads(model, len(order))
     if not heads:
         return False
@@ -127,10 +125,6 @@ def load_float32_classifier(path: str | Path, option: str, **kwargs):
     were saved in (transformers keeps the saved one: a DeepSpeed precision-16 run saves 16-bit
     weights); weights that cannot be read, damaged or cut short included, are one line naming
     ``option``."""
-    import torch
-    from safetensors import SafetensorError
-    from transformers import AutoModelForImageClassification
-
     try:
         return AutoModelForImageClassification.from_pretrained(str(path), dtype=torch.float32, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
@@ -148,8 +142,6 @@ def load_for_finetune(model_dir: str | Path, classes: list[str], task: str,
       rows that belong to other classes).
     The problem type chooses the loss, for native and timm-wrapper models alike
     (cross-entropy for single-label, BCE-with-logits for multi-label)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING
-
     check_task(task)
     classes = [str(c) for c in classes]
     if not classes:
@@ -206,9 +198,6 @@ def accept_any_image_size(model, size: tuple[int, int] | None = None):
     not when the model's own size is ``size`` (a fine-tuned model made native at its size by
     ``native_image_size``), which it runs as is.
     """
-    import functools
-    import inspect
-
     if size is not None and _size_pair(getattr(model.config, "image_size", None)) == tuple(size):
         return model
     forward = model.forward
@@ -223,10 +212,6 @@ def native_image_size(folder: str | Path, height: int, width: int) -> bool:
     its forward did at every training step, stored, and ``config.image_size`` set. Tools that
     run it without ``interpolate_pos_encoding`` (transformers' pipeline, ONNX, Azure's scoring)
     then take the trained size and give the trained logits. Returns whether it changed."""
-    import inspect
-
-    import torch
-
     size = _size_pair(getattr(load_config(Path(folder)), "image_size", None))
     if size is None or size == (height, width):  # nothing to bake: not loaded at all
         return False
@@ -257,8 +242,6 @@ def native_image_size(folder: str | Path, height: int, width: int) -> bool:
 def is_cnn(model) -> bool:
     """Built of convolutions: a CNN (or a hybrid), not a ViT, DeiT, BEiT or Swin, whose one
     convolution is the patch embedding."""
-    import torch
-
     return sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) >= 2
 
 
@@ -272,8 +255,6 @@ def prefer_channels_last(model):
     tensors. Not for a model with a strided 1x1 convolution of fewer than 16 input channels:
     oneDNN's channels-last backward of those crashes the process on AVX-512 CPUs (torch 2.14;
     ResNet-style shortcuts of small models)."""
-    import torch
-
     if (not settings.flag("VISIONTUNE_CHANNELS_LAST") or not is_cnn(model)
             or any(_crashes_channels_last(m) for m in model.modules())):
         return model
@@ -281,8 +262,6 @@ def prefer_channels_last(model):
 
 
 def _crashes_channels_last(module) -> bool:
-    import torch
-
     return (isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
             and max(module.stride) > 1 and module.in_channels < 16)
 

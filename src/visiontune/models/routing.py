@@ -10,6 +10,8 @@ import contextlib
 import torch
 from torch.overrides import TorchFunctionMode
 
+from visiontune import settings
+
 
 class RoutingMode(TorchFunctionMode):
     """Calls made while gradients are recorded go to ``route``; what it returns (not None) is
@@ -37,8 +39,6 @@ class RoutingMode(TorchFunctionMode):
 def switched(mode_type: type[RoutingMode], env_switch: str, active: bool):
     """Within: a ``mode_type`` mode when ``active`` and the environment switch (on by default)
     permit. Yields the mode, or None."""
-    from visiontune import settings
-
     if not (active and settings.flag(env_switch)):
         yield None
         return

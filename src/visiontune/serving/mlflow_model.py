@@ -28,19 +28,30 @@ or serving (``MLFLOW_PYFUNC_INFERENCE_CONFIG='{"allow_urls": true}' mlflow model
 
 from __future__ import annotations
 
+import base64
 import functools
+import io
 import json
 import logging
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.protos.databricks_pb2 import BAD_REQUEST, INVALID_PARAMETER_VALUE
+from mlflow.types import ColSpec, DataType, Schema
+from mlflow.types.schema import Array
+from PIL import Image
 
+import visiontune
 from visiontune.data.images import MAX_PIXELS
 from visiontune.errors import UserError
 from visiontune.inference import Classifier, open_onnx_classifier
@@ -53,6 +64,11 @@ from visiontune.serving.payload import (
     decode_payload_bytes, payload_bytes, payload_pixels,
 )
 from visiontune.tasks import MULTILABEL
+
+try:  # its request parsing is wrapped (``_answer_bad_requests_with_400``)
+    from mlflow.pyfunc import scoring_server
+except ImportError:  # an MLflow whose internals differ: its own answers stand
+    scoring_server = None
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +126,6 @@ class ServingConfig:
 
 
 def _bad_request(message: str):
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
@@ -213,12 +226,7 @@ def _answer_bad_requests_with_400() -> None:
     (ValueError), a request without a Content-Type, a body that is not the Parquet its
     Content-Type says. Wrap those steps once so that each is a 4xx with one message; where
     MLflow's internals differ, nothing is changed and MLflow's own answers stand."""
-    try:
-        from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import BAD_REQUEST
-        from mlflow.pyfunc import scoring_server
-
-    except ImportError:
+    if scoring_server is None:
         return
 
     def wrap(name: str, make):
@@ -266,8 +274,6 @@ def _answer_bad_requests_with_400() -> None:
 
 
 def _requirements(names) -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
     reqs = []
     for name in names:
         try:
@@ -291,12 +297,6 @@ def _stage_onnx(onnx_dir: Path, target: Path) -> None:
 def _input_example():
     """One small PNG, base64-encoded, in the ``image`` column: what MLflow and Azure's test
     tab show as a sample request."""
-    import base64
-    import io
-
-    import numpy as np
-    from PIL import Image
-
     ramp = np.linspace(0, 255, 32, dtype=np.uint8)
     pixels = np.stack([np.tile(ramp, (32, 1)), np.tile(ramp[:, None], (1, 32)),
                        np.full((32, 32), 128, np.uint8)], axis=-1)
@@ -308,10 +308,6 @@ def _input_example():
 def _signature(task: str | None):
     """The request and answer schemas: one base64 image per row in; per image, every class's
     probability and name and the predicted label (multi-label: the labels over threshold)."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, Schema
-    from mlflow.types.schema import Array
-
     predicted = (ColSpec(Array(DataType.string), "predicted_labels") if task == MULTILABEL
                  else ColSpec(DataType.string, "predicted_label"))
     return ModelSignature(
@@ -324,8 +320,6 @@ def _relative_paths_only(folder: Path) -> None:
     """MLflow records where the model's code and artifacts were copied from (this machine's
     package and a temporary folder); loading reads only the copies inside the model, so
     ``MLmodel`` keeps their names and no path of the machine that wrote it."""
-    from mlflow.models import Model
-
     mlmodel = Model.load(str(folder / "MLmodel"))
     pyfunc = mlmodel.flavors["python_function"]
     for artifact in pyfunc.get("artifacts", {}).values():
@@ -348,8 +342,6 @@ def save_mlflow_model(model_dir: str | Path, output_dir: str | Path, *,
     and answer signature, an input example and the metadata Azure's scoring reads.
     ``onnx_dir``: an ``export_onnx`` folder of the same model; the pyfunc then scores with ONNX
     Runtime. The other keywords are the ServingConfig stored with the model."""
-    import visiontune
-
     config = ServingConfig.from_dict({
         "max_image_bytes": max_image_bytes, "max_images_per_request": max_images_per_request,
         "max_image_pixels": max_image_pixels, "max_pixels_per_request": max_pixels_per_request,

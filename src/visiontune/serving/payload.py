@@ -7,8 +7,14 @@ before the whole image is read, the pixels from the image's header.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
+import math
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from visiontune.data.images import (
     ImageTooLarge, MAX_PIXELS, decode_image, download, read_local_file, refuse_bombs,
@@ -78,10 +84,6 @@ def payload_bytes(value: Any, *, allow_paths: bool = False, allow_urls: bool = F
     ``data:...;base64,`` URL) and raw bytes; an http(s) URL only with ``allow_urls``; a local
     path or ``file://`` URI only with ``allow_paths``. The size limit is checked before
     decoding or downloading the whole image."""
-    import base64
-    import binascii
-    import math
-
     if isinstance(value, (bytes, bytearray, memoryview)):
         data = bytes(value)
         if len(data) > max_bytes:
@@ -127,10 +129,6 @@ def payload_pixels(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> i
     """The pixels (width x height) of encoded image bytes, read from the image's header before
     any pixel is decoded; PayloadError over ``max_pixels``. 0 when Pillow does not recognise
     the bytes: decoding them then says why."""
-    import io
-
-    from PIL import Image
-
     refuse_bombs()  # Pillow's own check on opening then raises instead of warning
     try:
         with Image.open(io.BytesIO(data)) as image:

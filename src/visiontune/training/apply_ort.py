@@ -13,13 +13,14 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from visiontune.errors import DataError, UserError
 from visiontune.inference import OnnxClassifier, score_images
 from visiontune.inference.onnx_runtime import ONNX_SUBDIR, require_packages
 from visiontune.metrics import compute_metrics, probabilities
 from visiontune.onnx_export import export_onnx
-from visiontune.training import distributed
+from visiontune.ranks import is_main_process
 from visiontune.training.arguments import ort_training_available
 
 log = logging.getLogger(__name__)
@@ -30,10 +31,8 @@ PARITY_TOLERANCE = 1e-4  # largest |ORT - PyTorch| probability accepted without 
 
 def check_apply_ort() -> None:
     """Before training: the packages, then one line saying what apply_ort does here."""
-    import torch
-
     require_packages(("onnx", "onnxscript", "onnxruntime"), "apply_ort")
-    if not distributed.is_main_process():
+    if not is_main_process():
         return
     what = ("training runs in PyTorch; ONNX Runtime is used for inference: the fine-tuned model "
             f"is exported to ONNX ({ONNX_SUBDIR}/ in output_dir_pytorch), the validation set is "

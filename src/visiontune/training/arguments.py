@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from visiontune import settings
+from visiontune import ranks, settings
 from visiontune.config import FinetuneConfig
 from visiontune.errors import UserError
 from visiontune.hardware import (
@@ -21,7 +21,7 @@ from visiontune.hardware import (
     normalise_on_device, warn_unusable_gpu,
 )
 from visiontune.tasks import MULTICLASS, MULTILABEL
-from visiontune.training import distributed
+from visiontune.training.deepspeed import autocast_16bit, plan_deepspeed
 from visiontune.training.tracking import plan_tracking
 
 log = logging.getLogger(__name__)
@@ -313,20 +313,18 @@ def plan_training(cfg: FinetuneConfig, *, use_cpu: bool, bf16_ok: bool,
         notes.append(note)
     ds_config = None
     if cfg.apply_deepspeed:
-        from visiontune.training.deepspeed import autocast_16bit, plan_deepspeed
-
         ds_config, ds_notes = plan_deepspeed(read_deepspeed_config(cfg.deepspeed_config),
                                              cfg.deepspeed_config, args,
-                                             distributed.world_size())
+                                             ranks.world_size())
         notes.extend(ds_notes)
         if autocast_16bit(ds_config):  # DeepSpeed's engine casts, not the Trainer
             args["bf16"] = False
-        if not distributed.launched():
+        if not ranks.launched():
             notes.append("apply_deepspeed without a distributed launcher: DeepSpeed runs as a "
                          "one-process group; launch with torchrun (or Azure ML's distribution) "
                          "to train on several GPUs")
     args["auto_find_batch_size"], note = auto_batch_size_applies(cfg.auto_find_batch_size,
-                                                                 distributed.world_size(), ds_config)
+                                                                 ranks.world_size(), ds_config)
     if note:
         notes.append(note)
     return Plan(config=cfg, training_args=args, notes=notes, deepspeed_config=ds_config, mlflow_tracking=tracking,

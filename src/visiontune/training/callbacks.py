@@ -13,6 +13,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from visiontune.outputs import write_json_atomic
+from visiontune.training import distributed
 
 log = logging.getLogger("visiontune.training")
 
@@ -32,8 +33,6 @@ class CompleteCheckpointCallback(TrainerCallback):
     """
 
     def on_save(self, args, state, control, **kwargs):
-        from visiontune.training import distributed
-
         distributed.barrier()
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"

@@ -47,6 +47,10 @@ import importlib.util
 import json
 from typing import Any
 
+from transformers.integrations.deepspeed import (
+    is_deepspeed_zero3_enabled, set_hf_deepspeed_config, unset_hf_deepspeed_config,
+)
+
 from visiontune.errors import UserError
 
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -104,10 +108,6 @@ def whole_weights_while_loading(args):
     or reordering of its rows then act on empty partitions, and a head of another size fails to
     load. Image classifiers fit whole on each process; DeepSpeed partitions them when training
     starts."""
-    from transformers.integrations.deepspeed import (
-        is_deepspeed_zero3_enabled, set_hf_deepspeed_config, unset_hf_deepspeed_config,
-    )
-
     if not is_deepspeed_zero3_enabled():
         yield
         return

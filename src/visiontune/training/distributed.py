@@ -27,8 +27,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.distributed as dist
+
 from visiontune import settings
 from visiontune.errors import UserError
+from visiontune.ranks import is_main_process, launched, local_rank, rank, world_size
 
 ENV_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # Rank 0's own work (outputs, MLflow model, evaluation) while the others wait; a dead rank 0 is
@@ -49,27 +53,6 @@ class RankZeroFailed(UserError):
     exit_code = 1
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0") or 0)
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0") or 0)
-
-
-def is_main_process() -> bool:
-    return rank() == 0
-
-
-def launched() -> bool:
-    """Whether a launcher (torchrun, Azure ML) described the process group in the environment."""
-    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
-
-
 def check_launch_environment() -> None:
     """A half-described process group fails here in one line, before anything is loaded.
 
@@ -86,10 +69,6 @@ def check_launch_environment() -> None:
         )
     if not 0 <= rank() < world_size():
         raise UserError(f"RANK={rank()} is not within WORLD_SIZE={world_size()}")
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return
     if torch.cuda.is_available() and local_rank() >= torch.cuda.device_count():
         raise UserError(
             f"LOCAL_RANK={local_rank()} but this node has {torch.cuda.device_count()} GPU(s): start at "
@@ -124,8 +103,6 @@ def end_one_process_world() -> None:
     global _wait_group
     if not _added_env:
         return
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _wait_group = None
@@ -141,8 +118,6 @@ def leave_after_failure() -> None:
     aborted at interpreter exit ("terminate called without an active exception", SIGABRT): its
     exit code would no longer say what happened."""
     global _wait_group
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         try:
             dist.destroy_process_group()
@@ -154,8 +129,6 @@ def leave_after_failure() -> None:
 def _group():
     """The gloo group rank 0's followers wait on (made once, by every rank at the same point)."""
     global _wait_group
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
         return None
     if _wait_group is None:
@@ -173,8 +146,6 @@ def barrier() -> None:
     """Every rank has reached this point (no-op on one process)."""
     group = _group()
     if group is not None:
-        import torch.distributed as dist
-
         dist.barrier(group=group)
 
 
@@ -183,8 +154,6 @@ def wait_for_main_process(what: str) -> None:
     group = _group()
     if group is None:
         return
-    import torch.distributed as dist
-
     try:
         dist.barrier(group=group)
     except RuntimeError as exc:
@@ -202,8 +171,6 @@ def broadcast_from_main(value: Any) -> Any:
     group = _group()
     if group is None:
         return value
-    import torch.distributed as dist
-
     box = [value]
     try:
         dist.broadcast_object_list(box, src=0, group=group)
@@ -237,8 +204,6 @@ def check_shared_folder(folder: Path, input_name: str) -> None:
     group = _group()
     if group is None:
         return
-    import torch.distributed as dist
-
     token = broadcast_from_main(secrets.token_hex(8) if is_main_process() else None)
     marker = folder / _SHARED_CHECK_FILE
     if is_main_process():

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
-from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
+from transformers import (
+    EarlyStoppingCallback, MobileViTImageProcessor, TrainingArguments, ViTImageProcessor, set_seed,
+)
 from transformers.trainer_callback import PrinterCallback
 from transformers.utils import logging as hf_logging
 
@@ -33,7 +35,7 @@ from visiontune.data.dataset import ImageDataset
 from visiontune.data.prepare import prepare_data
 from visiontune.data.storage import redact
 from visiontune.data.transforms import (
-    DeviceNormalize, describe_augmentations, eval_transform, hf_image_processor,
+    PIL_CODES, DeviceNormalize, Preprocessing, describe_augmentations, eval_transform,
     resolve_preprocessing, timm_pretrained_cfg, train_transform,
 )
 from visiontune.errors import UserError
@@ -43,8 +45,10 @@ from visiontune.model_folder import ARGS_FILE, AUGMENTATIONS_FILE, EVAL_RESULTS_
 from visiontune.models import loading
 from visiontune.models.builtin import write_timm_processor_config
 from visiontune.outputs import FolderLock, check_folder, is_visiontune_mlflow_model, write_text_atomic
+from visiontune.ranks import is_main_process
 from visiontune.tasks import MULTILABEL
 from visiontune.training import distributed
+from visiontune.training.apply_ort import ONNX_SUBDIR, check_apply_ort, export_and_validate
 from visiontune.training.arguments import Plan, plan_training
 from visiontune.training.callbacks import (
     METRICS_LOG, CompleteCheckpointCallback, DatasetEpochCallback, MetricsLogCallback,
@@ -110,10 +114,6 @@ def choose_workers(cfg: FinetuneConfig, use_cpu: bool) -> FinetuneConfig:
     return cfg
 
 
-def _is_main_process() -> bool:
-    return distributed.is_main_process()
-
-
 def shown_inputs(cfg: FinetuneConfig) -> dict[str, Any]:
     """The inputs as the run shows and records them: URLs without their query (a SAS token)."""
     return {name: redact(value) if isinstance(value, str) else value
@@ -167,7 +167,7 @@ def _prepare_output_dir(out: Path, resume: bool) -> Path | None:
     Rank 0 alone cleans up and chooses; the other ranks wait for it and take its choice, so no
     rank looks at the folder while checkpoints are being removed."""
     out.mkdir(parents=True, exist_ok=True)
-    chosen = _clean_output_dir(out, resume) if _is_main_process() else None
+    chosen = _clean_output_dir(out, resume) if is_main_process() else None
     chosen = distributed.broadcast_from_main(str(chosen) if chosen else None)
     distributed.check_shared_folder(out, "output_dir_pytorch")
     return Path(chosen) if chosen else None
@@ -209,7 +209,7 @@ def _earlier_run(folder: Path) -> bool:
 
 def check_outputs(cfg: FinetuneConfig) -> None:
     """Every output location, checked by rank 0 before any data or model is loaded."""
-    if not _is_main_process():
+    if not is_main_process():
         return
     out = Path(cfg.output_dir_pytorch)
     if cfg.model_path and Path(cfg.model_path).resolve() == out.resolve():
@@ -276,7 +276,7 @@ def finetune(cfg: FinetuneConfig, *, callbacks: Iterable[Any] = (), data=None,
     try:
         with contextlib.ExitStack() as stack:
             setup = check_finetune(cfg)
-            if _is_main_process():  # held until every output is written
+            if is_main_process():  # held until every output is written
                 stack.enter_context(FolderLock(Path(setup.config.output_dir_pytorch), "output_dir_pytorch"))
                 show(plan_text(setup.config, setup.sources, setup.plan.notes))
             # Data before model: a bad dataset fails before anything heavy is loaded.
@@ -305,8 +305,6 @@ def check_finetune(cfg: FinetuneConfig) -> Setup:
     sources = defaults_sources(cfg)  # before the plan's alignments, which are notes instead
     plan = plan_training(cfg, use_cpu=use_cpu, bf16_ok=bf16_ok)
     if plan.config.apply_ort:
-        from visiontune.training.apply_ort import check_apply_ort
-
         check_apply_ort()  # missing packages fail here, before any data or model is loaded
     check_outputs(plan.config)
     return Setup(plan.config, sources, plan, model_dir, metadata, base_model)
@@ -371,7 +369,7 @@ def _datasets(cfg: FinetuneConfig, data, pre, args, on_device: bool):
 def _load_model(setup: Setup, data, pre, args, show: Callable[[str], None]):
     """The model with a new head for the data's classes; a note (shown and saved) when some of
     its weights get no gradient."""
-    if not _is_main_process():
+    if not is_main_process():
         hf_logging.set_verbosity_error()  # one log: rank 0's (loading reports, warnings)
     set_seed(setup.config.random_seed)  # the new head's initialisation is part of the run
     with whole_weights_while_loading(args):
@@ -382,7 +380,7 @@ def _load_model(setup: Setup, data, pre, args, show: Callable[[str], None]):
     unused_note = plan_unused_parameters(model, args, pre.height, pre.width)
     if unused_note:
         setup.plan.notes.append(unused_note)
-        if _is_main_process():
+        if is_main_process():
             show(f"  note: {unused_note}")
     return model
 
@@ -447,7 +445,6 @@ def save(run: _Run) -> FinetuneResult:
 def _onnx_export(run: _Run, out: Path, logits, label_ids) -> Path | None:
     """With apply_ort, the ONNX export checked against the PyTorch model's validation logits;
     without, an earlier run's export is removed (it would not match this model)."""
-    from visiontune.training.apply_ort import ONNX_SUBDIR, export_and_validate
     cfg, args = run.setup.config, run.trainer.args
     if not cfg.apply_ort:
         shutil.rmtree(out / ONNX_SUBDIR, ignore_errors=True)
@@ -497,6 +494,24 @@ def _write_outputs(out: Path, *, setup: Setup, data, pre, processor, metrics: di
         "multilabel_threshold": cfg.multilabel_threshold if task == MULTILABEL else None,
     })
     write_model_card(out, data=data)  # README.md, from the files above
+
+
+def hf_image_processor(pre: Preprocessing):
+    """A transformers image processor that computes ``eval_transform(pre)``: resize the whole
+    image to (H, W), no crop, scale to 0..1, normalise (MobileViT's, for BGR models).
+
+    The model's own processor class cannot always say this (ConvNeXt's needs a square
+    ``shortest_edge`` and crops below 384 pixels), so the generic ViT processor is written
+    for every RGB model: ``AutoImageProcessor`` reads the class from the saved file."""
+    common = {"do_resize": True, "size": {"height": pre.height, "width": pre.width},
+              "resample": PIL_CODES[pre.interpolation], "do_rescale": True,
+              "rescale_factor": 1 / 255, "do_convert_rgb": True}
+    if pre.channel_order == "BGR":
+        if pre.mean != (0.0, 0.0, 0.0) or pre.std != (1.0, 1.0, 1.0):
+            raise ValueError("a BGR model's processor cannot normalise; mean 0 and std 1 expected")
+        return MobileViTImageProcessor(**common, do_center_crop=False, do_flip_channel_order=True)
+    return ViTImageProcessor(**common, do_normalize=True, image_mean=list(pre.mean),
+                             image_std=list(pre.std))
 
 
 def processor_to_save(model_config, pre):

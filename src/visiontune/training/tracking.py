@@ -13,6 +13,8 @@ import os
 import re
 from urllib.parse import urlsplit
 
+from transformers.integrations.integration_utils import MLflowCallback
+
 from visiontune.console import AZURE_LIBRARIES, silenced
 
 log = logging.getLogger("visiontune.training")
@@ -55,8 +57,6 @@ def plan_tracking() -> tuple[bool, str | None]:
 
 def tracking_callback():
     """The Trainer's MLflow callback, made unable to fail the run."""
-    from transformers.integrations.integration_utils import MLflowCallback
-
     class GuardedMLflowCallback(MLflowCallback):
         """Each hook of transformers' MLflow callback; the first error turns tracking off with
         one warning, and training goes on."""

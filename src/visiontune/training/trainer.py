@@ -27,7 +27,10 @@ import contextlib
 import logging
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from transformers import Trainer
+from transformers.training_args import ParallelMode
 
 from visiontune.errors import UserError
 from visiontune.hardware import cpu_kind, fast_depthwise_applies
@@ -41,9 +44,6 @@ log = logging.getLogger("visiontune.training")
 def mean_loss(logits, labels, task: str, label_smoothing: float = 0.0) -> float:
     """The validation loss over all rows at once (what the Trainer's per-batch average would be
     on one process), in float64: cross-entropy with the run's label smoothing, or BCE."""
-    import torch
-    import torch.nn.functional as F
-
     logits = torch.as_tensor(np.asarray(logits, dtype=np.float64))
     labels = torch.as_tensor(np.asarray(labels))
     if len(logits) == 0:
@@ -58,8 +58,6 @@ def unused_parameters(model, height: int, width: int, device=None) -> list[str]:
     ``mask_token``, used only for masked-image pretraining), found with one forward and backward
     pass on a batch of two blank images. Gradients are not accumulated; the model's buffers
     (batch-norm statistics), mode and random state are as before."""
-    import torch
-
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         return []
@@ -89,8 +87,6 @@ def plan_unused_parameters(model, args, height: int, width: int) -> str | None:
     one stalls the reduction ("Expected to have finished reduction" on the second step) unless
     DDP searches the graph for unused weights, which costs time at every step. So it searches
     only for a model that has such weights (decided once, here), and says so."""
-    from transformers.training_args import ParallelMode
-
     if args.parallel_mode != ParallelMode.DISTRIBUTED or args.deepspeed:
         return None
     model.to(args.device)  # where the Trainer puts it anyway
