@@ -38,6 +38,8 @@ SETTINGS = {s.name: s for s in (
     Setting("VISIONTUNE_LOADER_PREFETCH", 2, "batches each data-loader worker keeps in flight"),
     Setting("VISIONTUNE_BATCH_READ_THREADS", 8, "threads that read a batch's images at once in each "
                                                 "data-loader worker (1: one after another)"),
+    Setting("VISIONTUNE_GC_FREEZE", True, "the objects alive when training begins kept out of the "
+                                          "garbage collector's reach until it ends"),
     Setting("VISIONTUNE_PERSISTENT_WORKERS", True, "data-loader workers kept between the "
                                                    "training and validation loaders"),
     Setting("VISIONTUNE_SKIP_TRITON", True, "leave triton unloaded on a machine without a GPU"),

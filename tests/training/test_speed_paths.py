@@ -3,6 +3,7 @@ AdamW step, and the data-loader worker choice. Each fast path must give the plai
 numbers (up to float rounding) and reach the real Trainer."""
 
 import copy
+import gc
 import json
 
 import pytest
@@ -171,3 +172,33 @@ def test_the_channels_last_and_direct_transform_switches_turn_their_paths_off(mo
         torch.manual_seed(7)
         outputs.append(transform(image))
     assert torch.equal(*outputs)  # v2.Compose's dispatch gives the same pixels
+
+
+class FreezeSeen(TrainerCallback):
+    """What the garbage collector leaves out while training steps run."""
+
+    frozen: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        FreezeSeen.frozen.append(gc.get_freeze_count())
+
+
+@pytest.mark.parametrize("switch", ["1", "0"])
+def test_the_objects_alive_at_the_start_of_training_are_frozen_until_its_end(demo_dir, tmp_path,
+                                                                             monkeypatch, switch):
+    """Frozen before the data-loader workers fork (at the first batch), so that neither they nor
+    the training process walk a large dataset's rows in a full collection."""
+    monkeypatch.setenv("VISIONTUNE_GC_FREEZE", switch)
+    model = save_tiny_model("vit", tmp_path / "model", image_size=32)
+    train = subset(demo_dir / "digits" / "train", tmp_path / "train.jsonl", 2, per_class=True)
+    given = {"model_path": str(model), "training_data": str(train), "task_name": MULTICLASS,
+             "output_dir_pytorch": str(tmp_path / "out"), "image_height": "32", "image_width": "32",
+             "max_steps": "2", "save_as_mlflow_model": "false"}
+    FreezeSeen.frozen = []
+    finetune(resolve(FINETUNE_INPUTS, given), callbacks=[FreezeSeen()])
+    assert len(FreezeSeen.frozen) == 2
+    if switch == "1":
+        assert min(FreezeSeen.frozen) > 10_000  # the model, the rows, the libraries' objects
+    else:
+        assert FreezeSeen.frozen == [0, 0]
+    assert gc.get_freeze_count() == 0  # handed back to the collector when training ends

@@ -1,7 +1,9 @@
-"""Trainer callbacks: complete-checkpoint markers, the metrics log, plain progress lines."""
+"""Trainer callbacks: complete-checkpoint markers, the dataset's epoch, the frozen heap, the
+metrics log, plain progress lines."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from visiontune import settings
 from visiontune.outputs import write_json_atomic
 from visiontune.training import distributed
 
@@ -54,6 +57,24 @@ class DatasetEpochCallback(TrainerCallback):
     def on_epoch_begin(self, args, state, control, **kwargs):
         # state.epoch is the epoch's index at its start, and index + fraction done on resume
         self.dataset.set_epoch(int((state.epoch or 0.0) + 1e-9))
+        return control
+
+
+class FrozenHeapCallback(TrainerCallback):
+    """Moves the objects alive when training begins (the dataset's rows, the model's Python
+    side) out of the garbage collector's reach until it ends, as Python's ``gc.freeze`` advises
+    before a fork: the data-loader workers, forked at the first batch, then never walk the
+    parent's objects in a full collection (which writes to each one and so copies every page
+    of a large dataset's rows into each worker), and neither does the training process."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if settings.flag("VISIONTUNE_GC_FREEZE"):
+            gc.collect()
+            gc.freeze()
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        gc.unfreeze()
         return control
 
 

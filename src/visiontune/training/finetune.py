@@ -51,7 +51,8 @@ from visiontune.training import distributed
 from visiontune.training.apply_ort import ONNX_SUBDIR, check_apply_ort, export_and_validate
 from visiontune.training.arguments import Plan, plan_training
 from visiontune.training.callbacks import (
-    METRICS_LOG, CompleteCheckpointCallback, DatasetEpochCallback, MetricsLogCallback,
+    METRICS_LOG, CompleteCheckpointCallback, DatasetEpochCallback, FrozenHeapCallback,
+    MetricsLogCallback,
     list_checkpoints, newest_complete_checkpoint, remove_incomplete_checkpoints, trim_metrics_log,
 )
 from visiontune.training.deepspeed import autocast_16bit, whole_weights_while_loading
@@ -386,7 +387,7 @@ def _load_model(setup: Setup, data, pre, args, show: Callable[[str], None]):
 
 
 def _trainer_callbacks(cfg: FinetuneConfig, plan: Plan, out: Path, train_ds, show_lines: bool) -> list[Any]:
-    callbacks = [CompleteCheckpointCallback(), DatasetEpochCallback(train_ds),
+    callbacks = [CompleteCheckpointCallback(), DatasetEpochCallback(train_ds), FrozenHeapCallback(),
                  MetricsLogCallback(out / METRICS_LOG, show_lines)]
     if cfg.early_stopping:
         callbacks.append(EarlyStoppingCallback(cfg.early_stopping_patience))
