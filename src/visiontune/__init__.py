@@ -13,8 +13,9 @@ Where an input goes, in the order the data flows:
 - ``data/`` reads the data (MLTable, JSON Lines, CSV, Parquet, datasets, shards; local or in a
   store), checks the images and turns them into tensors;
 - ``training/`` maps the config onto the Trainer (``arguments.py``), trains (``finetune.py``:
-  build, train, save) and writes the outputs (``outputs.py``, ``model_folder.py``,
-  ``model_card.py``, ``serving/mlflow_model.py``);
+  build, train, save) and writes the outputs (``outputs.py``; ``model_folder.py``, whose
+  ``ModelFolder`` opens any model folder and owns its record; ``model_card.py``,
+  ``serving/mlflow_model.py``);
 - ``inference/`` opens a fine-tuned model for ``evaluation.py``, ``prediction.py``,
   ``serving/`` and ``onnx_export.py``; ``pipeline_run.py`` chains import, finetune and evaluate;
   ``components.py`` writes the Azure ML component specs from the same input table.
