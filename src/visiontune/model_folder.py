@@ -84,8 +84,8 @@ class ModelFolder:
         folder = Path(folder)
         if (folder / METADATA_FILE).is_file():
             return cls(folder)
-        inner = sorted((p.parent for p in folder.rglob(METADATA_FILE) if not _under_checkpoint(p, folder)),
-                       key=lambda p: (len(p.parts), str(p)))
+        inner = shallowest_first((p.parent for p in folder.rglob(METADATA_FILE)
+                                  if not under_checkpoint(p, folder)), folder)
         return cls(inner[0] if inner else folder)
 
     @classmethod
@@ -112,8 +112,8 @@ class ModelFolder:
             if (inner / CONFIG_FILE).is_file():
                 return cls(inner)
             # An MLflow model copied whole keeps the Hugging Face files in a subfolder.
-            configs = sorted((p for p in inner.rglob(CONFIG_FILE) if not _under_checkpoint(p, inner)),
-                             key=lambda p: (len(p.parts), str(p)))
+            configs = shallowest_first((p for p in inner.rglob(CONFIG_FILE)
+                                        if not under_checkpoint(p, inner)), inner)
             if configs:
                 return cls(configs[0].parent)
         if named:
@@ -175,5 +175,11 @@ def _read_object(path: Path, *, required: bool) -> Any:
     return data
 
 
-def _under_checkpoint(path: Path, root: Path) -> bool:
+def under_checkpoint(path: Path, root: Path) -> bool:
+    """Whether ``path`` lies in a training checkpoint's folder below ``root``."""
     return any(part.startswith("checkpoint-") for part in path.relative_to(root).parts)
+
+
+def shallowest_first(paths, root: Path) -> list[Path]:
+    """``paths`` below ``root``, the fewest folders deep first (then by name)."""
+    return sorted(paths, key=lambda p: (len(p.relative_to(root).parts), str(p)))

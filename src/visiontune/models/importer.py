@@ -39,7 +39,7 @@ from transformers.utils import logging as hf_logging
 
 from visiontune import __version__
 from visiontune.errors import UserError, first_line
-from visiontune.model_folder import METADATA_FILE, ModelFolder
+from visiontune.model_folder import METADATA_FILE, ModelFolder, shallowest_first, under_checkpoint
 from visiontune.models.builtin import BUILTIN_MODELS, PROCESSOR_FILE, write_timm_processor_config
 from visiontune.models.loading import checkpoint_labels, load_config, load_image_processor
 from visiontune.outputs import LOCK_FILE, check_folder, staged
@@ -81,14 +81,6 @@ def _is_model_config(path: Path) -> bool:
     return isinstance(data, dict) and ("model_type" in data or "architecture" in data)
 
 
-def _under_checkpoint(path: Path, root: Path) -> bool:
-    return any(part.startswith("checkpoint-") for part in path.relative_to(root).parts)
-
-
-def _shallowest_first(paths, root: Path) -> list[Path]:
-    return sorted(paths, key=lambda p: (len(p.relative_to(root).parts), str(p)))
-
-
 def _find_model_folder(root: Path, option: str) -> Path:
     """The folder under ``root`` holding the model's config.json: ``root`` itself, the folder
     named by an earlier import's metadata, or the one shallowest folder that has one
@@ -100,8 +92,8 @@ def _find_model_folder(root: Path, option: str) -> Path:
     sub = ModelFolder(root).metadata().get("pytorch_model_path")
     if isinstance(sub, str) and sub not in ("", ".") and (root / sub / CONFIG_FILE).is_file():
         return root / sub
-    found = _shallowest_first((p.parent for p in root.rglob(CONFIG_FILE) if _is_model_config(p)), root)
-    final = [p for p in found if not _under_checkpoint(p, root)]
+    found = shallowest_first((p.parent for p in root.rglob(CONFIG_FILE) if _is_model_config(p)), root)
+    final = [p for p in found if not under_checkpoint(p, root)]
     if final:
         found = final
     elif found:
@@ -128,8 +120,8 @@ def _find_processor(model_dir: Path, root: Path) -> Path | None:
     (MLflow keeps it apart, under components/image_processor)."""
     if (model_dir / PROCESSOR_FILE).is_file():
         return model_dir / PROCESSOR_FILE
-    found = _shallowest_first(root.rglob(PROCESSOR_FILE), root)
-    found = [p for p in found if not _under_checkpoint(p, root)] or found
+    found = shallowest_first(root.rglob(PROCESSOR_FILE), root)
+    found = [p for p in found if not under_checkpoint(p, root)] or found
     return found[0] if found else None
 
 
